@@ -1,0 +1,140 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* The map layout shared by the datapath and the control plane.
+ *
+ * natd/maps.py mirrors every struct and enum here with ctypes; tests/unit/test_abi.py compiles this
+ * header with the host compiler and checks sizes, offsets and enum values against the mirror.
+ * Bump NATD_LAYOUT_VERSION on any change: it is part of the pin path, so a natd with another layout
+ * never reads maps pinned by this one.
+ */
+#ifndef NATD_ABI_H
+#define NATD_ABI_H
+
+#include <linux/types.h>
+
+#define NATD_LAYOUT_VERSION 1
+
+#define NATD_MAX_POOL 256      /* external addresses over all rules */
+#define NATD_MAX_RULES 1024    /* snat rules (LPM entries) */
+#define NATD_MAX_IFACES 64
+
+/* A flow as one side sees it. The original key (dir "orig") is the inside host's view:
+ * saddr/sport = private endpoint, daddr/dport = remote endpoint. The reply key is the internet's
+ * view: saddr/sport = remote endpoint, daddr/dport = external address/port.
+ * ICMP echo: sport (orig) / dport (reply) carry the identifier, the other port is 0. */
+struct ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* TCP states, numbered as conntrack names them (nf_conntrack_tcp.h order is different;
+ * natd's numbering is its own and mirrored in natd/maps.py). */
+enum ct_state {
+	CT_NONE = 0,            /* UDP, ICMP */
+	CT_SYN_SENT = 1,
+	CT_SYN_RECV = 2,
+	CT_ESTABLISHED = 3,
+	CT_FIN_WAIT = 4,
+	CT_CLOSE_WAIT = 5,
+	CT_LAST_ACK = 6,
+	CT_TIME_WAIT = 7,
+	CT_CLOSE = 8,
+};
+
+enum ct_flags {
+	CT_F_REPLIED = 1 << 0,    /* a packet was seen in the reply direction */
+	CT_F_ASSURED = 1 << 1,    /* TCP reached ESTABLISHED / UDP saw a reply */
+	CT_F_FIN_ORIG = 1 << 2,   /* the inside host sent FIN */
+	CT_F_FIN_REPLY = 1 << 3,  /* the remote sent FIN */
+};
+
+/* Value of ct_orig: the conntrack entry. Timestamps are bpf_ktime_get_ns(), i.e. CLOCK_MONOTONIC,
+ * the clock of Python's time.monotonic_ns(). */
+struct ct_entry {
+	__u64 created_ns;
+	__u64 last_seen_ns;
+	__u64 packets_orig;
+	__u64 bytes_orig;
+	__u64 packets_reply;
+	__u64 bytes_reply;
+	__be32 nat_addr;          /* external address the flow is translated to */
+	__be16 nat_port;          /* external port (ICMP: identifier) */
+	__u8 state;               /* enum ct_state */
+	__u8 flags;               /* enum ct_flags */
+	__u32 rule_id;            /* snat rule that created it */
+	__u32 pad;
+};
+
+/* Value of ct_reply: points back at the original key, so both halves share one entry. */
+struct ct_reply_value {
+	struct ct_key orig;
+};
+
+/* LPM key of snat_rules (prefixlen counts bits of addr). */
+struct lpm_v4_key {
+	__u32 prefixlen;
+	__be32 addr;
+};
+
+struct snat_rule {
+	__u32 rule_id;
+	__u32 pool_index;         /* first slot in snat_pool */
+	__u32 pool_size;          /* slots used (>= 1) */
+	__u16 port_min;           /* host byte order */
+	__u16 port_max;
+};
+
+/* Value of ext_addrs, keyed by an external address: which ports of it belong to the NAT. Ports outside
+ * this range are the gateway's own (ssh, its own connections) and go to the kernel untouched. */
+struct ext_addr_info {
+	__u16 port_min;
+	__u16 port_max;
+	__u32 pad;
+};
+
+struct stat_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Every counted event: XDP verdicts, pass reasons, drop reasons, conntrack events. One place, so
+ * natd/maps.py (STAT_NAMES) and the metrics name them the same. Keep STAT_MAX last. */
+enum natd_stat {
+	STAT_XDP_ABORTED = 0,     /* indexes 0..4 are the XDP verdicts by value */
+	STAT_XDP_DROP,
+	STAT_XDP_PASS,
+	STAT_XDP_TX,
+	STAT_XDP_REDIRECT,
+	/* egress/ingress traffic translated */
+	STAT_SNAT_OUT,            /* inside -> outside, translated */
+	STAT_DNAT_IN,             /* outside -> inside reply, translated back */
+	/* passed to the kernel, untouched */
+	STAT_PASS_NOT_IPV4,
+	STAT_PASS_LOCAL,          /* for the gateway itself or not NAT business */
+	STAT_PASS_INSIDE_ROUTE,   /* inside -> inside, the kernel routes it */
+	STAT_PASS_TTL,            /* TTL <= 1: the kernel sends Time Exceeded to the inside host */
+	STAT_PASS_FRAG_NEEDED,    /* DF and too big: the kernel sends Fragmentation Needed */
+	STAT_PASS_NO_NEIGH,       /* translated, but the next hop is unresolved: kernel forwards */
+	STAT_PASS_FIB_OTHER,      /* no route/forwarding disabled: the kernel decides */
+	STAT_PASS_ICMP_OTHER,     /* ICMP other than echo on the outside, for the gateway */
+	STAT_PASS_UNSUPPORTED,    /* fragment / IP options on the outside: the kernel's to handle */
+	/* dropped */
+	STAT_DROP_MALFORMED,
+	STAT_DROP_NO_MAPPING,     /* unsolicited inbound in the NAT port range */
+	STAT_DROP_TO_PRIVATE,     /* arrived outside, addressed to an inside prefix */
+	STAT_DROP_SPOOFED_INSIDE, /* inside source outside every snat prefix, bound for outside */
+	STAT_DROP_UNSUPPORTED,    /* fragment / IP options / protocol natd cannot translate, bound outside */
+	STAT_DROP_PORT_EXHAUSTED,
+	STAT_DROP_TABLE_FULL,
+	STAT_DROP_FRAG_NEEDED_NO_DF, /* too big, no DF: forwarding it untranslated would leak */
+	/* conntrack events */
+	STAT_CT_NEW,
+	STAT_CT_ESTABLISHED,
+	STAT_CT_CREATE_RACE,      /* another CPU created the same flow first */
+	STAT_MAX,
+};
+
+#endif /* NATD_ABI_H */

@@ -1,0 +1,33 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Map declarations. Every map is pinned under NATD_PIN_DIR (<pin_root>/<instance>/v<layout>) so the
+ * state outlives the daemon and natctl can read it. The loader passes NATD_PIN_DIR and NATD_CT_MAX. */
+#ifndef NATD_MAPS_H
+#define NATD_MAPS_H
+
+#include "abi.h"
+
+#ifndef NATD_PIN_DIR
+#error "NATD_PIN_DIR must be defined by the loader"
+#endif
+#ifndef NATD_CT_MAX
+#define NATD_CT_MAX 262144
+#endif
+
+/* The conntrack table: one entry per flow, keyed by the original (inside) tuple. Plain hash, not LRU:
+ * a full table refuses new flows and never evicts established ones (RFC 6888 REQ-11). */
+BPF_TABLE_PINNED("hash", struct ct_key, struct ct_entry, ct_orig, NATD_CT_MAX, NATD_PIN_DIR "/ct_orig");
+/* Reply tuple -> original tuple. Its key is (remote, external addr/port, proto): inserting it with
+ * BPF_NOEXIST is how an external port is claimed, unique per destination endpoint. */
+BPF_TABLE_PINNED("hash", struct ct_key, struct ct_reply_value, ct_reply, NATD_CT_MAX,
+		 NATD_PIN_DIR "/ct_reply");
+
+BPF_TABLE_PINNED("lpm_trie", struct lpm_v4_key, struct snat_rule, snat_rules, NATD_MAX_RULES,
+		 NATD_PIN_DIR "/snat_rules", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", __u32, __be32, snat_pool, NATD_MAX_POOL, NATD_PIN_DIR "/snat_pool");
+BPF_TABLE_PINNED("hash", __be32, struct ext_addr_info, ext_addrs, NATD_MAX_POOL,
+		 NATD_PIN_DIR "/ext_addrs");
+/* ifindex -> 1 for every outside interface: a FIB result through one of them means "leaves the NAT". */
+BPF_TABLE_PINNED("hash", __u32, __u32, outside_ifaces, NATD_MAX_IFACES, NATD_PIN_DIR "/outside_ifaces");
+BPF_TABLE_PINNED("percpu_array", __u32, struct stat_counter, stats, STAT_MAX, NATD_PIN_DIR "/stats");
+
+#endif /* NATD_MAPS_H */

@@ -1,0 +1,177 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* natd's XDP entry points: xdp_inside runs on interfaces facing the private subnets (SNAT out),
+ * xdp_outside on the interface facing the internet (replies back in). Compiled by BCC at start-up with
+ * -I ebpf/lib, -DNATD_PIN_DIR and -DNATD_CT_MAX. The helpers live in lib/, one concern per header.
+ *
+ * Safety rule for every path: a packet natd cannot translate is never forwarded half-translated. On
+ * the inside, anything bound for the outside that cannot be translated is dropped and counted
+ * (handing it to the kernel would forward it with a private source); anything else goes to the kernel.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+
+#include "abi.h"
+#include "maps.h"
+#include "stats.h"
+#include "parsing.h"
+#include "csum.h"
+#include "fib.h"
+#include "conntrack.h"
+#include "nat.h"
+
+int xdp_inside(struct xdp_md *ctx)
+{
+	struct hdr_cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
+	__u64 bytes = ctx->data_end - ctx->data;
+	struct bpf_fib_lookup fib;
+	struct snat_rule *rule;
+	struct l4_fields f = {};
+	struct ct_entry *e;
+	struct ct_key key = {};
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	__u32 reason = 0;
+	int rc, l4, outbound;
+	__be32 ext;
+
+	eth = parse_ethhdr(&c);
+	if (!eth)
+		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return verdict(ctx, XDP_PASS, STAT_PASS_NOT_IPV4);
+	ip = parse_iphdr(&c);
+	if (!ip)
+		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
+	/* TTL expiring here: the kernel answers with Time Exceeded to the inside host (traceroute). */
+	if (ip->ttl <= 1)
+		return verdict(ctx, XDP_PASS, STAT_PASS_TTL);
+
+	rc = fib_lookup_v4(ctx, &fib, ip, ip->saddr, ip->daddr, bpf_ntohs(ip->tot_len));
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		/* With DF the kernel sends Fragmentation Needed to the inside host (PMTU discovery). */
+		if (ip->frag_off & bpf_htons(0x4000))
+			return verdict(ctx, XDP_PASS, STAT_PASS_FRAG_NEEDED);
+		/* Without DF the kernel would fragment and forward it untranslated: only allowed inside. */
+		rc = fib_lookup_v4(ctx, &fib, ip, ip->saddr, ip->daddr, 0);
+		if ((rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) &&
+		    fib_is_outside(fib.ifindex))
+			return verdict(ctx, XDP_DROP, STAT_DROP_FRAG_NEEDED_NO_DF);
+		return verdict(ctx, XDP_PASS, STAT_PASS_INSIDE_ROUTE);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return verdict(ctx, XDP_PASS, STAT_PASS_LOCAL);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return verdict(ctx, XDP_PASS, STAT_PASS_FIB_OTHER);
+	outbound = fib_is_outside(fib.ifindex);
+	if (!outbound)
+		return verdict(ctx, XDP_PASS, STAT_PASS_INSIDE_ROUTE);
+
+	rule = snat_rule_for(ip->saddr);
+	if (!rule)
+		return verdict(ctx, XDP_DROP, STAT_DROP_SPOOFED_INSIDE);
+	if (ip_is_fragment(ip) || ip->ihl != 5)
+		return verdict(ctx, XDP_DROP, STAT_DROP_UNSUPPORTED);
+	l4 = parse_l4_fields(&c, ip, &f, ICMP_ECHO);
+	if (l4 < 0)
+		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
+	if (l4 > 0)
+		return verdict(ctx, XDP_DROP, STAT_DROP_UNSUPPORTED);
+
+	key.saddr = ip->saddr;
+	key.daddr = ip->daddr;
+	key.sport = *f.sport;
+	key.dport = ip->protocol == IPPROTO_ICMP ? 0 : *f.dport;
+	key.proto = ip->protocol;
+
+	e = ct_orig.lookup(&key);
+	if (!e) {
+		/* A RST for a flow natd does not know has nothing to close. */
+		if (f.tcp && f.tcp->rst)
+			return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
+		if (snat_pick_addr(rule, ip->saddr, &ext) < 0)
+			return verdict(ctx, XDP_DROP, STAT_DROP_PORT_EXHAUSTED);
+		rc = snat_create(&key, rule, ext, ct_initial_state(f.tcp), &reason);
+		if (rc < 0)
+			return verdict(ctx, XDP_DROP, reason);
+		e = ct_orig.lookup(&key);
+		if (!e)
+			return verdict(ctx, XDP_DROP, STAT_DROP_TABLE_FULL);
+	}
+	ct_update(e, f.tcp, CT_DIR_ORIG, bytes);
+	snat_rewrite(ip, &f, e->nat_addr, e->nat_port);
+	stat_count(STAT_SNAT_OUT, bytes);
+
+	/* Unresolved next hop: the kernel forwards this (already translated) packet and resolves the
+	 * neighbour for the next ones. */
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return verdict(ctx, XDP_PASS, STAT_PASS_NO_NEIGH);
+	return count_action(ctx, fib_redirect(eth, ip, &fib));
+}
+
+int xdp_outside(struct xdp_md *ctx)
+{
+	struct hdr_cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
+	__u64 bytes = ctx->data_end - ctx->data;
+	struct bpf_fib_lookup fib;
+	struct ext_addr_info *ext;
+	struct ct_reply_value *rv;
+	struct l4_fields f = {};
+	struct ct_key rk = {};
+	struct ct_entry *e;
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	__u16 port;
+	int rc, l4;
+
+	eth = parse_ethhdr(&c);
+	if (!eth)
+		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return verdict(ctx, XDP_PASS, STAT_PASS_NOT_IPV4);
+	ip = parse_iphdr(&c);
+	if (!ip)
+		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
+
+	ext = ext_addrs.lookup(&ip->daddr);
+	if (!ext) {
+		/* The internet has no business addressing the private prefixes directly. */
+		if (snat_rule_for(ip->daddr))
+			return verdict(ctx, XDP_DROP, STAT_DROP_TO_PRIVATE);
+		return verdict(ctx, XDP_PASS, STAT_PASS_LOCAL);
+	}
+	if (ip_is_fragment(ip) || ip->ihl != 5)
+		return verdict(ctx, XDP_PASS, STAT_PASS_UNSUPPORTED);
+	l4 = parse_l4_fields(&c, ip, &f, ICMP_ECHOREPLY);
+	if (l4 < 0)
+		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
+	if (l4 > 0)
+		return verdict(ctx, XDP_PASS, ip->protocol == IPPROTO_ICMP ? STAT_PASS_ICMP_OTHER : STAT_PASS_LOCAL);
+
+	rk.saddr = ip->saddr;
+	rk.daddr = ip->daddr;
+	rk.sport = ip->protocol == IPPROTO_ICMP ? 0 : *f.sport;
+	rk.dport = *f.dport;
+	rk.proto = ip->protocol;
+	rv = ct_reply.lookup(&rk);
+	e = rv ? ct_orig.lookup(&rv->orig) : NULL;
+	if (!e) {
+		/* Echo replies for the gateway's own pings carry any identifier: the kernel's. */
+		port = bpf_ntohs(*f.dport);
+		if (ip->protocol != IPPROTO_ICMP && port >= ext->port_min && port <= ext->port_max)
+			return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
+		return verdict(ctx, XDP_PASS, STAT_PASS_LOCAL);
+	}
+	if (ip->ttl <= 1)
+		return verdict(ctx, XDP_PASS, STAT_PASS_TTL);
+
+	ct_update(e, f.tcp, CT_DIR_REPLY, bytes);
+	dnat_rewrite(ip, &f, rv->orig.saddr, rv->orig.sport);
+	stat_count(STAT_DNAT_IN, bytes);
+
+	rc = fib_lookup_v4(ctx, &fib, ip, ip->saddr, ip->daddr, bpf_ntohs(ip->tot_len));
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		return count_action(ctx, fib_redirect(eth, ip, &fib));
+	/* Translated back already: whatever the kernel does with it now (resolve the neighbour, fragment,
+	 * send Fragmentation Needed) concerns the inside host only. */
+	return verdict(ctx, XDP_PASS, rc == BPF_FIB_LKUP_RET_NO_NEIGH ? STAT_PASS_NO_NEIGH : STAT_PASS_FIB_OTHER);
+}

@@ -1,0 +1,5 @@
+import sys
+
+from natd.daemon import main
+
+sys.exit(main())

@@ -1,0 +1,295 @@
+"""Raw BPF syscalls through the system libbpf (libbpf.so.1) with ctypes.
+
+BCC compiles and loads the program; everything after that (pinned maps, natctl, the reaper's batch
+sweeps, BPF_PROG_TEST_RUN in tests) goes through this small, dependency-free layer, so natctl works
+without compiling anything and while natd is down.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+
+from natd.errors import BpfError, LayoutMismatchError, StateError
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LPM_TRIE = 11
+_PERCPU_TYPES = {5, 6, 10}  # percpu hash, percpu array, lru percpu hash
+
+
+class _BatchOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _TestRunOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("pad", ctypes.c_uint8 * 64),
+    ]
+
+
+@cache
+def _lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise BpfError(f"cannot load {name}: {exc}; install Debian's libbpf1 (make setup does)") from exc
+    vp, cp, u32p = ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint32)
+    sigs: dict[str, list[object]] = {
+        "bpf_obj_get": [cp],
+        "bpf_obj_pin": [ctypes.c_int, cp],
+        "bpf_map_lookup_elem": [ctypes.c_int, vp, vp],
+        "bpf_map_update_elem": [ctypes.c_int, vp, vp, ctypes.c_uint64],
+        "bpf_map_delete_elem": [ctypes.c_int, vp],
+        "bpf_map_get_next_key": [ctypes.c_int, vp, vp],
+        "bpf_map_lookup_batch": [ctypes.c_int, vp, vp, vp, vp, u32p, ctypes.POINTER(_BatchOpts)],
+        "bpf_map_delete_batch": [ctypes.c_int, vp, u32p, ctypes.POINTER(_BatchOpts)],
+        "bpf_map_update_batch": [ctypes.c_int, vp, vp, u32p, ctypes.POINTER(_BatchOpts)],
+        "bpf_obj_get_info_by_fd": [ctypes.c_int, vp, u32p],
+        "bpf_prog_test_run_opts": [ctypes.c_int, ctypes.POINTER(_TestRunOpts)],
+    }
+    for fname, argtypes in sigs.items():
+        fn = getattr(lib, fname)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        err = -rc
+        raise BpfError(f"{what}: {os.strerror(err)} (errno {err})")
+    return rc
+
+
+@cache
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """Per-CPU map values carry one slot per *possible* CPU ("0-1" -> 2)."""
+    count = 0
+    with open(path) as fh:
+        for part in fh.read().strip().split(","):
+            lo, _, hi = part.partition("-")
+            count += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return count
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+class BpfMap:
+    """One BPF map by file descriptor. Keys and values are bytes; callers (de)serialise with natd.maps."""
+
+    def __init__(self, fd: int, name: str = "") -> None:
+        self.fd = fd
+        self.info = self._info()
+        self.name = name or self.info.name
+        self.percpu = self.info.type in _PERCPU_TYPES
+        # per-CPU values are rounded up to 8 bytes per CPU
+        self.value_bytes = (
+            ((self.info.value_size + 7) // 8) * 8 * possible_cpus() if self.percpu else self.info.value_size
+        )
+
+    @classmethod
+    def open_pinned(cls, path: str) -> BpfMap:
+        fd = _lib().bpf_obj_get(os.fsencode(path))
+        if fd < 0:
+            err = ctypes.get_errno() or -fd
+            if err == errno.ENOENT:
+                raise StateError(f"no pinned map at {path}; is natd running with this instance and pin_root?")
+            raise BpfError(f"opening pinned map {path}: {os.strerror(err)}")
+        return cls(fd, os.path.basename(path))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> BpfMap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _info(self) -> MapInfo:
+        info = _MapInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        _check(_lib().bpf_obj_get_info_by_fd(self.fd, ctypes.byref(info), ctypes.byref(size)), "map info")
+        return MapInfo(info.type, info.id, info.key_size, info.value_size, info.max_entries,
+                       info.name.decode(errors="replace"))
+
+    def expect_layout(self, key_size: int, value_size: int, path: str) -> None:
+        if (self.info.key_size, self.info.value_size) != (key_size, value_size):
+            raise LayoutMismatchError(
+                f"pinned map {path} has key/value sizes {self.info.key_size}/{self.info.value_size}, "
+                f"this natd expects {key_size}/{value_size}; remove the old state with "
+                f"'natd --detach --config FILE' (drops all flows) or run the natd version that made it")
+
+    def lookup(self, key: bytes) -> bytes | None:
+        out = ctypes.create_string_buffer(self.value_bytes)
+        rc = _lib().bpf_map_lookup_elem(self.fd, key, out)
+        if rc < 0:
+            if ctypes.get_errno() == errno.ENOENT or rc == -errno.ENOENT:
+                return None
+            _check(rc, f"lookup in {self.name}")
+        return out.raw
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        _check(_lib().bpf_map_update_elem(self.fd, key, value, flags), f"update of {self.name}")
+
+    def delete(self, key: bytes) -> bool:
+        rc = _lib().bpf_map_delete_elem(self.fd, key)
+        if rc < 0:
+            if ctypes.get_errno() == errno.ENOENT or rc == -errno.ENOENT:
+                return False
+            _check(rc, f"delete in {self.name}")
+        return True
+
+    def keys(self) -> Iterator[bytes]:
+        """Walks key by key: fine for the small rule maps, use items_batch() for conntrack."""
+        prev: bytes | None = None
+        nxt = ctypes.create_string_buffer(self.info.key_size)
+        while True:
+            rc = _lib().bpf_map_get_next_key(self.fd, prev, nxt)
+            if rc < 0:
+                return
+            prev = nxt.raw
+            yield prev
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        out = []
+        for key in self.keys():
+            value = self.lookup(key)
+            if value is not None:
+                out.append((key, value))
+        return out
+
+    def items_batch(self, chunk: int = 8192) -> list[tuple[bytes, bytes]]:
+        """The whole map with BPF_MAP_LOOKUP_BATCH: one syscall per chunk, not one per entry."""
+        ks, vs = self.info.key_size, self.value_bytes
+        keys = ctypes.create_string_buffer(ks * chunk)
+        values = ctypes.create_string_buffer(vs * chunk)
+        token_in = ctypes.create_string_buffer(max(ks, 8))
+        token_out = ctypes.create_string_buffer(max(ks, 8))
+        opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+        result: list[tuple[bytes, bytes]] = []
+        first = True
+        while True:
+            count = ctypes.c_uint32(chunk)
+            rc = _lib().bpf_map_lookup_batch(self.fd, None if first else token_in, token_out, keys, values,
+                                             ctypes.byref(count), ctypes.byref(opts))
+            err = ctypes.get_errno() if rc < 0 else 0
+            if rc < 0 and err == errno.ENOSPC and count.value == 0:
+                # one hash bucket holds more than `chunk` entries: retry bigger
+                return self.items_batch(chunk * 4)
+            kraw, vraw = keys.raw, values.raw
+            for i in range(count.value):
+                result.append((kraw[i * ks:(i + 1) * ks], vraw[i * vs:(i + 1) * vs]))
+            if rc < 0:
+                if err == errno.ENOENT:
+                    return result
+                _check(rc, f"batch lookup in {self.name}")
+            ctypes.memmove(token_in, token_out, len(token_out.raw))
+            first = False
+
+    def delete_batch(self, keys: list[bytes], chunk: int = 8192) -> int:
+        """Deletes with BPF_MAP_DELETE_BATCH; keys that are already gone are skipped. Returns deleted."""
+        deleted = 0
+        opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+        pending = list(keys)
+        while pending:
+            part, pending = pending[:chunk], pending[chunk:]
+            buf = b"".join(part)
+            count = ctypes.c_uint32(len(part))
+            rc = _lib().bpf_map_delete_batch(self.fd, buf, ctypes.byref(count), ctypes.byref(opts))
+            deleted += count.value
+            if rc < 0:
+                err = ctypes.get_errno()
+                if err != errno.ENOENT:
+                    _check(rc, f"batch delete in {self.name}")
+                # the key at index `count` vanished under us (the datapath or a racing delete): skip it
+                pending = part[count.value + 1:] + pending
+        return deleted
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_lib().bpf_obj_pin(fd, os.fsencode(path)), f"pin {path}")
+
+
+def obj_get(path: str) -> int:
+    fd = _lib().bpf_obj_get(os.fsencode(path))
+    if fd < 0:
+        raise StateError(f"nothing pinned at {path}: {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
+@dataclass(frozen=True)
+class TestRunResult:
+    retval: int
+    data: bytes
+    duration_ns: int
+
+
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ingress_ifindex: int = 0) -> TestRunResult:
+    """BPF_PROG_TEST_RUN on one frame. ingress_ifindex lets FIB lookups see a real interface."""
+    data_out = ctypes.create_string_buffer(len(data) + 256)
+    opts = _TestRunOpts()
+    opts.sz = ctypes.sizeof(_TestRunOpts)
+    inbuf = ctypes.create_string_buffer(data, len(data))
+    opts.data_in = ctypes.cast(inbuf, ctypes.c_void_p)
+    opts.data_size_in = len(data)
+    opts.data_out = ctypes.cast(data_out, ctypes.c_void_p)
+    opts.data_size_out = len(data_out)
+    opts.repeat = repeat
+    ctx = None
+    if ingress_ifindex:
+        # struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        ctx = (ctypes.c_uint32 * 6)(0, len(data), 0, ingress_ifindex, 0, 0)
+        opts.ctx_in = ctypes.cast(ctx, ctypes.c_void_p)
+        opts.ctx_size_in = ctypes.sizeof(ctx)
+    _check(_lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
+    return TestRunResult(opts.retval, data_out.raw[:opts.data_size_out], opts.duration)

@@ -1,0 +1,268 @@
+"""natd, the daemon: validate the config, load and attach the XDP program, fill the rule maps, then
+serve: reap expired flows, export metrics, reload on SIGHUP, speak sd_notify, detach on SIGTERM.
+
+Pinned maps outlive the process, so a restart keeps every flow (the program is re-attached over the
+pinned state). `natd --detach` is the real uninstall: program off the interfaces, pins removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from natd import __version__
+from natd.config import Config, load_config
+from natd.errors import ConfigError, EnvironmentError_, NatdError
+from natd.loader import Datapath, check_pinned_layout, ensure_bpffs, remove_pins
+from natd.maps import LAYOUT_VERSION
+from natd.metrics import NatdCollector, ReaperStatus, start_metrics_server
+from natd.netlink import Interfaces
+from natd.reaper import ReaperThread, SweepResult
+from natd.rules import RuleSet, build_ruleset, check_local_port_range, read_local_port_range
+from natd.sdnotify import Notifier
+from natd.tables import PinnedTables, pin_dir
+
+log = logging.getLogger("natd")
+
+REAP_INTERVAL_S = 5.0
+# Keys a reload cannot change: they size maps, name pins or need the program re-attached.
+RESTART_ONLY = ("instance", "inside", "outside", "state", "metrics")
+
+
+def setup_logging(level: str) -> None:
+    """One line per event on stderr, no colours: journald adds time and unit itself."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def require_privileges(proc: str = "/proc") -> None:
+    if os.geteuid() != 0:
+        raise EnvironmentError_("natd needs root (bpf(), XDP attach, netlink); run it as root or via systemd")
+    if not os.path.exists(f"{proc}/sys/net/core/bpf_jit_enable"):
+        raise EnvironmentError_("this kernel has no BPF JIT (net.core.bpf_jit_enable missing); natd needs a "
+                                "kernel with CONFIG_BPF_SYSCALL and CONFIG_BPF_JIT")
+
+
+class Daemon:
+    def __init__(self, config_path: str, config: Config, *, notifier: Notifier | None = None,
+                 proc: str = "/proc", clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.proc = proc
+        self.clock = clock
+        self.pin_dir = pin_dir(config.state.pin_root, config.instance, LAYOUT_VERSION)
+        self.datapath: Datapath | None = None
+        self.tables: PinnedTables | None = None
+        self.reaper: ReaperThread | None = None
+        self.reaper_status = ReaperStatus()
+        self.metrics_server: object | None = None
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+
+    # -- start-up -------------------------------------------------------------------------------
+    def ruleset(self, config: Config, links: Interfaces) -> RuleSet:
+        for name in [*config.inside, config.outside]:
+            links.ifindex(name)
+        outside_addrs = links.ipv4_addrs(config.outside)
+        rules = build_ruleset(config, outside_addrs[0] if outside_addrs else None,
+                              [links.ifindex(config.outside)])
+        check_local_port_range(rules, read_local_port_range(self.proc), links.ipv4_addrs())
+        return rules
+
+    def start(self) -> None:
+        cfg = self.config
+        for warning in cfg.conntrack.timeouts.below_rfc_minimums():
+            log.warning("%s", warning)
+        links = Interfaces()
+        try:
+            rules = self.ruleset(cfg, links)
+        finally:
+            links.close()
+        ensure_bpffs(cfg.state.pin_root, f"{self.proc}/self/mountinfo")
+        reused = check_pinned_layout(self.pin_dir, cfg.conntrack.max)
+        t0 = time.monotonic()
+        self.notifier.status("compiling the XDP program")
+        self.datapath = Datapath.load(self.pin_dir, cfg.conntrack.max)
+        self.tables = PinnedTables(self.pin_dir)
+        self.tables.apply_rules(rules)
+        for ifname in cfg.inside:
+            self.datapath.attach(ifname, "xdp_inside")
+        self.datapath.attach(cfg.outside, "xdp_outside")
+        log.info("attached: inside %s, outside %s; %s pinned state in %s (%.1f s)", ",".join(cfg.inside),
+                 cfg.outside, "reusing" if reused else "new", self.pin_dir, time.monotonic() - t0)
+        self.reaper = ReaperThread(self.tables, cfg.conntrack.timeouts, interval=REAP_INTERVAL_S,
+                                   clock=self.clock, on_sweep=self._on_sweep)
+        self.reaper.start()
+        if cfg.metrics.enabled:
+            collector = NatdCollector(self.tables, cfg, self.reaper_status)
+            self.metrics_server, _ = start_metrics_server(collector, cfg.metrics.host, cfg.metrics.port)
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, cfg.metrics.port)
+        self.notifier.ready(f"translating: {len(rules.snat)} snat rules, {len(rules.pool)} external addresses")
+
+    def _on_sweep(self, result: SweepResult) -> None:
+        self.reaper_status.update(result, time.time())
+
+    # -- reload ---------------------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read the config; apply it only if it is valid and changes nothing restart-only."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+            for key in RESTART_ONLY:
+                if getattr(new, key) != getattr(self.config, key):
+                    raise ConfigError(f"'{key}' cannot change on reload (it needs a restart); old value kept",
+                                      source=self.config_path, key=key)
+            if new.conntrack.max != self.config.conntrack.max:
+                raise ConfigError("'conntrack.max' cannot change on reload (it sizes the maps; restart natd)",
+                                  source=self.config_path, key="conntrack.max")
+            links = Interfaces()
+            try:
+                rules = self.ruleset(new, links)
+            finally:
+                links.close()
+            assert self.tables is not None and self.reaper is not None
+            self.tables.apply_rules(rules)
+            self.reaper.set_timeouts(new.conntrack.timeouts)
+        except NatdError as exc:
+            log.error("reload rejected, the running config stays: %s", exc)
+            self.notifier.ready(f"reload rejected: {exc}")
+            return False
+        self.config = new
+        log.info("reloaded %s (digest %s)", self.config_path, new.digest()[:12])
+        self.notifier.ready(f"reloaded: {len(rules.snat)} snat rules")
+        return True
+
+    # -- run / stop -----------------------------------------------------------------------------
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def request_reload(self, *_: object) -> None:
+        self._reload.set()
+
+    def serve(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        tick = min(interval, 1.0) if interval else 1.0
+        while not self._stop.is_set():
+            self._stop.wait(tick)
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            if interval:
+                self.notifier.watchdog()
+
+    def stop(self, detach: bool = True) -> None:
+        self.notifier.stopping()
+        if self.reaper is not None:
+            self.reaper.stop()
+            self.reaper.join(timeout=10)
+        if self.metrics_server is not None:
+            shutdown = getattr(self.metrics_server, "shutdown", None)
+            if shutdown:
+                shutdown()
+        if self.datapath is not None and detach:
+            self.datapath.detach_all()
+            log.info("detached; flows stay pinned in %s", self.pin_dir)
+        if self.tables is not None:
+            self.tables.close()
+
+
+def uninstall(config: Config) -> int:
+    """--detach: remove natd's program from the configured interfaces and unpin its maps."""
+    from natd.loader import XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE
+
+    try:
+        from bcc import BPF  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise EnvironmentError_("python module bcc not found (make setup installs python3-bpfcc)") from exc
+    for ifname in [*config.inside, config.outside]:
+        for flags in (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE):
+            try:
+                BPF.remove_xdp(ifname, flags)
+            except Exception as exc:
+                log.debug("remove_xdp %s flags %d: %s", ifname, flags, exc)
+    where = pin_dir(config.state.pin_root, config.instance, LAYOUT_VERSION)
+    removed = remove_pins(where)
+    log.info("detached from %s; removed %d pinned maps from %s",
+             ", ".join([*config.inside, config.outside]), len(removed), where)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="natd",
+        description="XDP NAT gateway daemon: SNAT/masquerade with conntrack in eBPF.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  natd --config /etc/natd/natd.yaml            run in the foreground (systemd: Type=notify)
+  natd --check-config /etc/natd/natd.yaml      validate only; exit 0 (ok) or 1 (error with file:line: key)
+  natd --detach --config /etc/natd/natd.yaml   uninstall: detach the program, unpin maps (drops all flows)
+  ip netns exec gw natd --config lab.yaml      run inside a gateway namespace
+signals: SIGHUP reloads the config (a bad one is rejected, the old one keeps running);
+         SIGTERM/SIGINT detach the program and exit (flows stay pinned for the next start).""")
+    parser.add_argument("--config", "-c", metavar="FILE", help="YAML config (see docs/config.md)")
+    parser.add_argument("--check-config", metavar="FILE", help="validate FILE and exit")
+    parser.add_argument("--detach", action="store_true", help="detach and remove pinned state, then exit")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="overrides log.level of the config")
+    parser.add_argument("--version", action="version", version=f"natd {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level or "info")
+    if args.check_config:
+        try:
+            cfg = load_config(args.check_config)
+        except NatdError as exc:
+            print(f"natd: {exc}", file=sys.stderr)
+            return 1
+        print(f"{args.check_config}: OK (instance {cfg.instance}, {len(cfg.snat)} snat rules)")
+        return 0
+    if not args.config:
+        parser.error("--config FILE is required (or --check-config FILE)")
+    daemon: Daemon | None = None
+    try:
+        cfg = load_config(args.config)
+        setup_logging(args.log_level or cfg.log.level)
+        require_privileges()
+        if args.detach:
+            return uninstall(cfg)
+        daemon = Daemon(args.config, cfg)
+
+        def on_term(signum: int, frame: FrameType | None) -> None:
+            assert daemon is not None
+            daemon.request_stop()
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            assert daemon is not None
+            daemon.request_reload()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
+        daemon.start()
+        daemon.serve()
+        return 0
+    except NatdError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        if daemon is not None:
+            daemon.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

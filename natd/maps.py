@@ -1,0 +1,223 @@
+"""Python mirror of ebpf/lib/abi.h: map keys, values, states and counter names.
+
+tests/unit/test_abi.py compiles abi.h with the host C compiler and checks every size, offset and enum
+value here against it, so the two cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import ipaddress
+import socket
+import struct
+
+LAYOUT_VERSION = 1
+MAX_POOL = 256
+MAX_RULES = 1024
+MAX_IFACES = 64
+
+PROTO_ICMP = socket.IPPROTO_ICMP
+PROTO_TCP = socket.IPPROTO_TCP
+PROTO_UDP = socket.IPPROTO_UDP
+PROTO_NAMES = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp"}
+PROTO_NUMBERS = {name: num for num, name in PROTO_NAMES.items()}
+
+
+def ip_to_be32(addr: str | ipaddress.IPv4Address) -> int:
+    """The integer whose in-memory (little-endian host) bytes are the address in network order."""
+    return int.from_bytes(ipaddress.IPv4Address(addr).packed, "little")
+
+
+def be32_to_ip(value: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(value.to_bytes(4, "little"))
+
+
+def port_to_be16(port: int) -> int:
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def be16_to_port(value: int) -> int:
+    return int.from_bytes(value.to_bytes(2, "little"), "big")
+
+
+class CtState(enum.IntEnum):
+    NONE = 0
+    SYN_SENT = 1
+    SYN_RECV = 2
+    ESTABLISHED = 3
+    FIN_WAIT = 4
+    CLOSE_WAIT = 5
+    LAST_ACK = 6
+    TIME_WAIT = 7
+    CLOSE = 8
+
+
+class CtFlags(enum.IntFlag):
+    REPLIED = 1 << 0
+    ASSURED = 1 << 1
+    FIN_ORIG = 1 << 2
+    FIN_REPLY = 1 << 3
+
+
+class Stat(enum.IntEnum):
+    """enum natd_stat, in order; names are the C names without the STAT_ prefix, lower-cased."""
+
+    XDP_ABORTED = 0
+    XDP_DROP = 1
+    XDP_PASS = 2
+    XDP_TX = 3
+    XDP_REDIRECT = 4
+    SNAT_OUT = 5
+    DNAT_IN = 6
+    PASS_NOT_IPV4 = 7
+    PASS_LOCAL = 8
+    PASS_INSIDE_ROUTE = 9
+    PASS_TTL = 10
+    PASS_FRAG_NEEDED = 11
+    PASS_NO_NEIGH = 12
+    PASS_FIB_OTHER = 13
+    PASS_ICMP_OTHER = 14
+    PASS_UNSUPPORTED = 15
+    DROP_MALFORMED = 16
+    DROP_NO_MAPPING = 17
+    DROP_TO_PRIVATE = 18
+    DROP_SPOOFED_INSIDE = 19
+    DROP_UNSUPPORTED = 20
+    DROP_PORT_EXHAUSTED = 21
+    DROP_TABLE_FULL = 22
+    DROP_FRAG_NEEDED_NO_DF = 23
+    CT_NEW = 24
+    CT_ESTABLISHED = 25
+    CT_CREATE_RACE = 26
+
+
+STAT_MAX = len(Stat)
+
+
+class _Struct(ctypes.Structure):
+    def to_bytes(self) -> bytes:
+        return ctypes.string_at(ctypes.addressof(self), ctypes.sizeof(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes):  # type: ignore[no-untyped-def]
+        return cls.from_buffer_copy(data)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.to_bytes() == other.to_bytes()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self.to_bytes())
+
+
+class CtKey(_Struct):
+    _fields_ = [
+        ("saddr", ctypes.c_uint32),
+        ("daddr", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+    @classmethod
+    def make(cls, saddr: str, daddr: str, sport: int, dport: int, proto: int) -> CtKey:
+        return cls(ip_to_be32(saddr), ip_to_be32(daddr), port_to_be16(sport), port_to_be16(dport), proto)
+
+    @property
+    def src(self) -> ipaddress.IPv4Address:
+        return be32_to_ip(self.saddr)
+
+    @property
+    def dst(self) -> ipaddress.IPv4Address:
+        return be32_to_ip(self.daddr)
+
+    @property
+    def src_port(self) -> int:
+        return be16_to_port(self.sport)
+
+    @property
+    def dst_port(self) -> int:
+        return be16_to_port(self.dport)
+
+    def __repr__(self) -> str:
+        proto = PROTO_NAMES.get(self.proto, str(self.proto))
+        return f"CtKey({proto} {self.src}:{self.src_port} -> {self.dst}:{self.dst_port})"
+
+
+class CtEntry(_Struct):
+    _fields_ = [
+        ("created_ns", ctypes.c_uint64),
+        ("last_seen_ns", ctypes.c_uint64),
+        ("packets_orig", ctypes.c_uint64),
+        ("bytes_orig", ctypes.c_uint64),
+        ("packets_reply", ctypes.c_uint64),
+        ("bytes_reply", ctypes.c_uint64),
+        ("nat_addr", ctypes.c_uint32),
+        ("nat_port", ctypes.c_uint16),
+        ("state", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("rule_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+    @property
+    def nat_ip(self) -> ipaddress.IPv4Address:
+        return be32_to_ip(self.nat_addr)
+
+    @property
+    def nat_port_host(self) -> int:
+        return be16_to_port(self.nat_port)
+
+
+class CtReplyValue(_Struct):
+    _fields_ = [("orig", CtKey)]
+
+
+class LpmV4Key(_Struct):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
+
+
+class SnatRuleValue(_Struct):
+    _fields_ = [
+        ("rule_id", ctypes.c_uint32),
+        ("pool_index", ctypes.c_uint32),
+        ("pool_size", ctypes.c_uint32),
+        ("port_min", ctypes.c_uint16),
+        ("port_max", ctypes.c_uint16),
+    ]
+
+
+class ExtAddrInfo(_Struct):
+    _fields_ = [("port_min", ctypes.c_uint16), ("port_max", ctypes.c_uint16), ("pad", ctypes.c_uint32)]
+
+
+class StatCounter(_Struct):
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+def reply_key_for(orig: CtKey, entry: CtEntry) -> CtKey:
+    """The ct_reply key of a flow: the internet's view (remote -> external address/port)."""
+    key = CtKey()
+    key.saddr = orig.daddr
+    key.daddr = entry.nat_addr
+    key.sport = 0 if orig.proto == PROTO_ICMP else orig.dport
+    key.dport = entry.nat_port
+    key.proto = orig.proto
+    return key
+
+
+U32 = struct.Struct("<I")
+BE32 = struct.Struct("<I")  # be32 values are kept as the raw in-memory integer (see ip_to_be32)
+
+
+# name -> (key type, value type); the maps natd pins, in ebpf/lib/maps.h
+MAP_TYPES: dict[str, tuple[type[_Struct] | None, type[_Struct] | None]] = {
+    "ct_orig": (CtKey, CtEntry),
+    "ct_reply": (CtKey, CtReplyValue),
+    "snat_rules": (LpmV4Key, SnatRuleValue),
+    "snat_pool": (None, None),        # u32 index -> be32 address
+    "ext_addrs": (None, ExtAddrInfo),  # be32 address -> info
+    "outside_ifaces": (None, None),   # u32 ifindex -> u32
+    "stats": (None, StatCounter),     # per-CPU, u32 index -> counter
+}

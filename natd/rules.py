@@ -1,0 +1,90 @@
+"""From a validated Config to the contents of the rule maps (pure: no kernel, unit-tested).
+
+The datapath never loops over rules: a source address finds its rule with one LPM lookup, the rule
+names a slice of the external address pool, and ext_addrs tells the inbound path which ports of an
+external address belong to the NAT.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from natd.config import Config
+from natd.errors import ConfigError
+from natd.maps import MAX_POOL, MAX_RULES
+
+
+@dataclass(frozen=True)
+class SnatEntry:
+    network: ipaddress.IPv4Network
+    rule_id: int
+    pool_index: int
+    pool_size: int
+    port_min: int
+    port_max: int
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    snat: tuple[SnatEntry, ...]
+    pool: tuple[ipaddress.IPv4Address, ...]
+    ext_addrs: dict[ipaddress.IPv4Address, tuple[int, int]] = field(default_factory=dict)
+    outside_ifindexes: frozenset[int] = frozenset()
+
+
+def build_ruleset(config: Config, outside_addr: ipaddress.IPv4Address | None,
+                  outside_ifindexes: Iterable[int]) -> RuleSet:
+    """outside_addr is the outside interface's address, used by rules without a `to` pool."""
+    pool: list[ipaddress.IPv4Address] = []
+    snat: list[SnatEntry] = []
+    ext: dict[ipaddress.IPv4Address, tuple[int, int]] = {}
+    for rule_id, rule in enumerate(config.snat):
+        addrs = list(rule.to)
+        if not addrs:
+            if outside_addr is None:
+                raise ConfigError(
+                    f"snat[{rule_id}] has no 'to' pool and the outside interface {config.outside} has no "
+                    f"IPv4 address; add one to {config.outside} or give the rule 'to: [ADDRESS]'",
+                    key=f"snat[{rule_id}].to")
+            addrs = [outside_addr]
+        snat.append(SnatEntry(rule.from_, rule_id, len(pool), len(addrs), rule.ports.lo, rule.ports.hi))
+        pool.extend(addrs)
+        for addr in addrs:
+            prev = ext.get(addr)
+            if prev is not None and prev != (rule.ports.lo, rule.ports.hi):
+                raise ConfigError(
+                    f"external address {addr} is used with ports {prev[0]}-{prev[1]} and "
+                    f"{rule.ports}; rules sharing an external address must use the same port range",
+                    key=f"snat[{rule_id}].ports")
+            ext[addr] = (rule.ports.lo, rule.ports.hi)
+    if len(pool) > MAX_POOL:
+        raise ConfigError(f"{len(pool)} external addresses over all rules; at most {MAX_POOL} are supported",
+                          key="snat")
+    if len(snat) > MAX_RULES:
+        raise ConfigError(f"{len(snat)} snat rules; at most {MAX_RULES} are supported", key="snat")
+    return RuleSet(tuple(snat), tuple(pool), ext, frozenset(outside_ifindexes))
+
+
+def check_local_port_range(ruleset: RuleSet, local_range: tuple[int, int],
+                           gateway_addrs: Iterable[ipaddress.IPv4Address]) -> None:
+    """The kernel picks the gateway's own source ports from ip_local_port_range; if those could be NAT
+    ports of one of the gateway's own addresses, the replies to its own connections would be dropped as
+    unsolicited. Refuse to start instead."""
+    lo, hi = local_range
+    own = set(gateway_addrs)
+    for addr, (pmin, pmax) in ruleset.ext_addrs.items():
+        if addr in own and pmin <= hi and lo <= pmax:
+            raise ConfigError(
+                f"NAT ports {pmin}-{pmax} of {addr} overlap the kernel's net.ipv4.ip_local_port_range "
+                f"{lo}-{hi} (the gateway's own connections use it); pick snat ports outside {lo}-{hi} "
+                f"(e.g. 1024-{lo - 1}) or move the kernel's range: sysctl -w "
+                f"net.ipv4.ip_local_port_range='{pmax + 1} 65535' (in the gateway's namespace)",
+                key="snat.ports")
+
+
+def read_local_port_range(proc: str = "/proc") -> tuple[int, int]:
+    with open(f"{proc}/sys/net/ipv4/ip_local_port_range") as fh:
+        lo, hi = fh.read().split()
+    return int(lo), int(hi)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a natd gateway/dev box: Debian packages, kernel headers for BCC, bpffs, venv.
+# Quick on re-run: every step checks before it acts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { echo "setup: error: $*" >&2; exit 1; }
+say() { echo "setup: $*"; }
+
+[ "$(id -u)" = 0 ] || die "natd needs root (bpf(), XDP attach, network namespaces); run: sudo make setup"
+[ -e /proc/sys/net/core/bpf_jit_enable ] || die "this kernel has no BPF JIT (/proc/sys/net/core/bpf_jit_enable missing); natd needs CONFIG_BPF_SYSCALL and CONFIG_BPF_JIT"
+[ -e /sys/kernel/btf/vmlinux ] || say "warning: /sys/kernel/btf/vmlinux missing (no BTF); BCC still works, bpftool output will be poorer"
+
+# Debian packages: what the daemon, the lab, the tests and the benchmarks use.
+PKGS=(python3-bpfcc python3-venv linux-headers-amd64 libbpf1 bpftool iproute2 ethtool iputils-ping
+      nftables conntrack iperf3 tcpdump socat traceroute nmap systemd)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# BCC compiles against /lib/modules/$(uname -r)/build; this kernel has no headers package of its own,
+# so link Debian's newest linux-headers-*-amd64 (build) and -common (source).
+kver=$(uname -r)
+moddir=/lib/modules/$kver
+if [ ! -e "$moddir/build/include" ]; then
+  amd64=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
+  [ -n "$amd64" ] || die "no /usr/src/linux-headers-*-amd64 found; install linux-headers-amd64"
+  common=${amd64%-amd64}-common
+  [ -d "$common" ] || die "$common missing; install linux-headers-amd64 again"
+  mkdir -p "$moddir"
+  ln -sfn "$amd64" "$moddir/build"
+  ln -sfn "$common" "$moddir/source"
+  say "linked $moddir/build -> $amd64 and source -> $common (kernel $kver has no headers package; BCC needs them)"
+fi
+
+# bpffs for pinned maps (natd state that outlives the daemon).
+if ! mountpoint -q /sys/fs/bpf; then
+  mount -t bpf bpf /sys/fs/bpf
+  say "mounted bpffs at /sys/fs/bpf"
+fi
+
+# venv with the system site-packages: that is where Debian's bcc module lives.
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  /usr/bin/python3 -m venv --system-site-packages "$VENV"
+  say "created venv $VENV"
+fi
+stamp="$VENV/.natd-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+  echo "$want" > "$stamp"
+  say "installed natd into $VENV"
+fi
+"$VENV/bin/python" -c 'import bcc' 2>/dev/null || die "import bcc fails in $VENV; is python3-bpfcc installed and the venv made with --system-site-packages?"
