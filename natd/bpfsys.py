@@ -264,7 +264,7 @@ def obj_get(path: str) -> int:
     fd = _lib().bpf_obj_get(os.fsencode(path))
     if fd < 0:
         raise StateError(f"nothing pinned at {path}: {os.strerror(ctypes.get_errno())}")
-    return fd
+    return int(fd)
 
 
 @dataclass(frozen=True)
@@ -292,4 +292,4 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ingress_ifindex: i
         opts.ctx_in = ctypes.cast(ctx, ctypes.c_void_p)
         opts.ctx_size_in = ctypes.sizeof(ctx)
     _check(_lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
-    return TestRunResult(opts.retval, data_out.raw[:opts.data_size_out], opts.duration)
+    return TestRunResult(int(opts.retval), data_out.raw[:opts.data_size_out], int(opts.duration))

@@ -467,7 +467,7 @@ class LogConfig(_Section):
 class StateConfig(_Section):
     """Where pinned BPF maps live (a bpffs directory)."""
 
-    pin_root: Annotated[str, BeforeValidator(_abs_path)] = "/sys/fs/bpf/natd"
+    pin_root: Annotated[str, BeforeValidator(_abs_path)] = "/run/natd/bpf"
 
 
 class Config(_Section):

@@ -25,15 +25,14 @@ from natd.maps import LAYOUT_VERSION
 from natd.metrics import NatdCollector, ReaperStatus, start_metrics_server
 from natd.netlink import Interfaces
 from natd.reaper import ReaperThread, SweepResult
-from natd.rules import RuleSet, build_ruleset, check_local_port_range, read_local_port_range
+from natd.rules import RuleSet, build_ruleset, check_local_port_range
 from natd.sdnotify import Notifier
+from natd.sysctl import enable_accept_local, read_local_port_range
 from natd.tables import PinnedTables, pin_dir
 
 log = logging.getLogger("natd")
 
 REAP_INTERVAL_S = 5.0
-# Keys a reload cannot change: they size maps, name pins or need the program re-attached.
-RESTART_ONLY = ("instance", "inside", "outside", "state", "metrics")
 
 
 def setup_logging(level: str) -> None:
@@ -48,9 +47,10 @@ def setup_logging(level: str) -> None:
 def require_privileges(proc: str = "/proc") -> None:
     if os.geteuid() != 0:
         raise EnvironmentError_("natd needs root (bpf(), XDP attach, netlink); run it as root or via systemd")
-    if not os.path.exists(f"{proc}/sys/net/core/bpf_jit_enable"):
-        raise EnvironmentError_("this kernel has no BPF JIT (net.core.bpf_jit_enable missing); natd needs a "
-                                "kernel with CONFIG_BPF_SYSCALL and CONFIG_BPF_JIT")
+    # a kernel-wide sysctl (net.core.* ones are invisible in a network namespace)
+    if not os.path.exists(f"{proc}/sys/kernel/unprivileged_bpf_disabled"):
+        raise EnvironmentError_("this kernel has no bpf() syscall (kernel.unprivileged_bpf_disabled "
+                                "missing); natd needs a kernel with CONFIG_BPF_SYSCALL and XDP")
 
 
 class Daemon:
@@ -97,6 +97,7 @@ class Daemon:
         self.tables = PinnedTables(self.pin_dir)
         self.tables.apply_rules(rules)
         for ifname in cfg.inside:
+            enable_accept_local(ifname, self.proc)
             self.datapath.attach(ifname, "xdp_inside")
         self.datapath.attach(cfg.outside, "xdp_outside")
         log.info("attached: inside %s, outside %s; %s pinned state in %s (%.1f s)", ",".join(cfg.inside),
@@ -108,7 +109,8 @@ class Daemon:
             collector = NatdCollector(self.tables, cfg, self.reaper_status)
             self.metrics_server, _ = start_metrics_server(collector, cfg.metrics.host, cfg.metrics.port)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, cfg.metrics.port)
-        self.notifier.ready(f"translating: {len(rules.snat)} snat rules, {len(rules.pool)} external addresses")
+        self.notifier.ready(f"translating: {len(rules.snat)} snat rules, "
+                            f"{len(rules.pool)} external addresses")
 
     def _on_sweep(self, result: SweepResult) -> None:
         self.reaper_status.update(result, time.time())
@@ -119,13 +121,12 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = load_config(self.config_path)
-            for key in RESTART_ONLY:
-                if getattr(new, key) != getattr(self.config, key):
-                    raise ConfigError(f"'{key}' cannot change on reload (it needs a restart); old value kept",
-                                      source=self.config_path, key=key)
-            if new.conntrack.max != self.config.conntrack.max:
-                raise ConfigError("'conntrack.max' cannot change on reload (it sizes the maps; restart natd)",
-                                  source=self.config_path, key="conntrack.max")
+            blocked = self.config.changes_needing_restart(new)
+            if new.metrics != self.config.metrics:
+                blocked.append("metrics")
+            if blocked:
+                raise ConfigError(f"{', '.join(blocked)} cannot change on reload (restart natd to apply); "
+                                  "the running config stays", source=self.config_path, key=blocked[0])
             links = Interfaces()
             try:
                 rules = self.ruleset(new, links)

@@ -33,7 +33,7 @@ class ConfigError(NatdError):
         super().__init__(f"{where}: {what}")
 
 
-class EnvironmentError_(NatdError):  # noqa: N801 - the builtin name is taken
+class EnvironmentError_(NatdError):
     """The host lacks something natd needs (root, BPF, bpffs, kernel headers)."""
 
 

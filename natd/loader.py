@@ -96,7 +96,8 @@ def ensure_bpffs(pin_root: str, mountinfo: str = "/proc/self/mountinfo") -> None
             f"{pin_root} is not on a bpffs (it is on {fstype or 'unknown'} at {mnt}) and mounting one at "
             f"{target} failed: {os.strerror(err)}; run: mount -t bpf bpf {target}")
     log.warning("mounted a bpffs at %s; inside 'ip netns exec' it lives only as long as this process's "
-                "mount namespace: mount it on the host (make setup does) for state that outlives natd", target)
+                "mount namespace: mount it on the host (make setup does) for state that outlives natd",
+                target)
     os.makedirs(pin_root, exist_ok=True)
 
 

@@ -104,7 +104,9 @@ class _Struct(ctypes.Structure):
         return cls.from_buffer_copy(data)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self.to_bytes() == other.to_bytes()  # type: ignore[attr-defined]
+        if not isinstance(other, _Struct) or type(other) is not type(self):
+            return NotImplemented
+        return self.to_bytes() == other.to_bytes()
 
     def __hash__(self) -> int:
         return hash(self.to_bytes())

@@ -83,8 +83,3 @@ def check_local_port_range(ruleset: RuleSet, local_range: tuple[int, int],
                 f"net.ipv4.ip_local_port_range='{pmax + 1} 65535' (in the gateway's namespace)",
                 key="snat.ports")
 
-
-def read_local_port_range(proc: str = "/proc") -> tuple[int, int]:
-    with open(f"{proc}/sys/net/ipv4/ip_local_port_range") as fh:
-        lo, hi = fh.read().split()
-    return int(lo), int(hi)

@@ -151,7 +151,7 @@ class PinnedTables:
                                          key.prefixlen))
             snat.append({"from": str(net), "rule_id": val.rule_id, "pool_index": val.pool_index,
                          "pool_size": val.pool_size, "ports": f"{val.port_min}-{val.port_max}"})
-        return {"snat": sorted(snat, key=lambda r: int(r["rule_id"]))}  # type: ignore[call-overload]
+        return {"snat": sorted(snat, key=lambda r: str(r["from"]))}
 
 
 class FakeTables:
@@ -163,7 +163,7 @@ class FakeTables:
         self.replies: dict[CtKey, CtKey] = {}
         self.counters: list[StatTotals] = [{s: (0, 0) for s in Stat} for _ in range(ncpu)]
         self.rules: RuleSet | None = None
-        assert STAT_MAX == len(Stat)
+        assert len(Stat) == STAT_MAX
 
     def add_flow(self, key: CtKey, entry: CtEntry) -> None:
         """What the datapath does for a new flow (tests use it to populate the table)."""

@@ -13,7 +13,7 @@ say() { echo "setup: $*"; }
 
 # Debian packages: what the daemon, the lab, the tests and the benchmarks use.
 PKGS=(python3-bpfcc python3-venv linux-headers-amd64 libbpf1 bpftool iproute2 ethtool iputils-ping
-      nftables conntrack iperf3 tcpdump socat traceroute nmap systemd)
+      nftables conntrack iperf3 tcpdump socat traceroute nmap curl systemd gcc libc6-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -40,11 +40,15 @@ if [ ! -e "$moddir/build/include" ]; then
   say "linked $moddir/build -> $amd64 and source -> $common (kernel $kver has no headers package; BCC needs them)"
 fi
 
-# bpffs for pinned maps (natd state that outlives the daemon).
-if ! mountpoint -q /sys/fs/bpf; then
-  mount -t bpf bpf /sys/fs/bpf
-  say "mounted bpffs at /sys/fs/bpf"
-fi
+# bpffs for pinned maps (natd state that outlives the daemon). natd pins under /run/natd/bpf by default:
+# `ip netns exec` remounts /sys (hiding /sys/fs/bpf) but leaves /run alone.
+for d in /sys/fs/bpf /run/natd/bpf; do
+  if ! mountpoint -q "$d"; then
+    mkdir -p "$d"
+    mount -t bpf bpf "$d"
+    say "mounted bpffs at $d"
+  fi
+done
 
 # venv with the system site-packages: that is where Debian's bcc module lives.
 VENV=${VENV:-.venv}

@@ -59,7 +59,13 @@ class LabSession:
         if self._old_sigterm is not None:
             return
 
+        owner = os.getpid()
+
         def handler(signum: int, frame: FrameType | None) -> None:
+            # pyroute2 forks helpers (netns sockets) that inherit this handler and get SIGTERMed when
+            # done: a child must just exit, not unwind a copy of pytest and tear down the labs.
+            if os.getpid() != owner:
+                os._exit(0)
             raise KeyboardInterrupt("SIGTERM")
 
         try:
@@ -115,3 +121,51 @@ def lab_factory(request: pytest.FixtureRequest, lab_session: LabSession) -> LabF
 def lab(lab_factory: LabFactory) -> Iterator[Lab]:
     """The default topology, up, with a unique prefix (host1, host2, gw, inet, srv1, srv2)."""
     yield lab_factory("default")
+
+
+# --- natd on a lab gateway -----------------------------------------------------------------------------
+
+DEFAULT_NATD_CONFIG: dict[str, Any] = {
+    "inside": ["in1", "in2"],
+    "outside": "out0",
+    "snat": [{"from": "10.0.0.0/16", "ports": "20000-29999"}],
+}
+
+
+def _natd_config(**overrides: Any) -> dict[str, Any]:
+    import copy
+
+    cfg = copy.deepcopy(DEFAULT_NATD_CONFIG)
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture
+def natd_factory(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """natd_factory(lab, config=None, start=True) -> NatdInLab; stopped and uninstalled by a finalizer."""
+    from natd_lab.natd import NatdInLab
+
+    def make(lab: Lab, config: dict[str, Any] | None = None, start: bool = True) -> NatdInLab:
+        natd = NatdInLab(lab, config if config is not None else _natd_config())
+        request.addfinalizer(natd.close)
+        if start:
+            natd.start()
+        return natd
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def nat_lab(request: pytest.FixtureRequest, lab_session: LabSession) -> Iterator[tuple[Lab, Any]]:
+    """One default lab with natd running on gw, shared by a module's tests (a compile takes ~3 s)."""
+    from natd_lab import Lab
+    from natd_lab.natd import NatdInLab
+
+    lab = Lab("default")
+    lab_session.track(lab)
+    request.addfinalizer(lab.down)
+    lab.up()
+    natd = NatdInLab(lab, _natd_config())
+    request.addfinalizer(natd.close)
+    natd.start()
+    yield lab, natd

@@ -62,7 +62,7 @@ def test_minimal_config_and_defaults() -> None:
     assert cfg.log.level == "info"
     assert cfg.log.events is None
     assert cfg.log.log_destinations is False
-    assert cfg.state.pin_root == "/sys/fs/bpf/natd"
+    assert cfg.state.pin_root == "/run/natd/bpf"
 
 
 def test_full_config() -> None:

@@ -1,0 +1,1 @@
+"""bpf tier: natd's XDP datapath under BPF_PROG_TEST_RUN."""

@@ -1,0 +1,160 @@
+"""The bpf tier's harness: natd's XDP programs loaded once, driven with BPF_PROG_TEST_RUN.
+
+NatDatapath wraps a loaded, pinned datapath in a lab namespace (see conftest.py for the fixtures): test
+runs on either entry point, counter deltas, conntrack reads and clean-up.
+
+BPF_PROG_TEST_RUN resolves the ctx's ingress_ifindex in the *calling thread's* network namespace, and the
+FIB lookups then run in that device's namespace; so every test run is made with this thread inside gw's
+namespace (setns there and back, see in_netns()).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from natd import bpfsys
+from natd.maps import CtEntry, CtKey, Stat
+from natd.tables import PinnedTables, sum_stats
+
+HERE = Path(__file__).resolve().parent
+TOPOLOGY = HERE / "datapath.yaml"
+BPFFS = "/sys/fs/bpf"
+CT_MAX = 4096
+
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
+
+GW_IN1 = "10.0.1.1"
+GW_OUT = "203.0.113.1"       # out0's address: the external address of rule 0
+HOST1 = "10.0.1.42"          # on in1, PERMANENT neighbour
+NEXT_HOP = "203.0.113.6"     # default gateway on out0, PERMANENT neighbour
+POOL = ("192.0.2.1", "192.0.2.2")  # rule 1
+TINY_POOL_ADDR = "192.0.2.9"       # rule 2: four ports only
+TINY_PORTS = (30000, 30003)
+NAT_PORTS = (20000, 29999)
+
+RULES_YAML = f"""
+instance: bpftest
+inside: [in1, in2]
+outside: out0
+conntrack: {{max: {CT_MAX}}}
+snat:
+  - from: 10.0.0.0/16
+    ports: {NAT_PORTS[0]}-{NAT_PORTS[1]}
+  - from: 10.1.0.0/16
+    to: [{POOL[0]}, {POOL[1]}]
+    ports: {NAT_PORTS[0]}-{NAT_PORTS[1]}
+  - from: 10.2.0.0/16
+    to: [{TINY_POOL_ADDR}]
+    ports: {TINY_PORTS[0]}-{TINY_PORTS[1]}
+"""
+TRANSLATED = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/16", "10.1.0.0/16", "10.2.0.0/16"))
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def in_netns(target_fd: int) -> Iterator[None]:
+    """Run the block with this thread in the network namespace of target_fd; always switch back."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        _setns(target_fd)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    retval: int
+    data: bytes
+
+
+class StatDelta:
+    """Counter deltas (packets) over a with-block: `with dp.counting() as d: ...; d[Stat.SNAT_OUT]`."""
+
+    def __init__(self, before: dict[Stat, int]) -> None:
+        self.before = before
+        self.after: dict[Stat, int] | None = None
+
+    def __getitem__(self, stat: Stat) -> int:
+        assert self.after is not None, "read the delta after the with-block"
+        return self.after[stat] - self.before[stat]
+
+    def nonzero(self) -> dict[str, int]:
+        return {s.name: self[s] for s in Stat if self[s]}
+
+
+@dataclasses.dataclass
+class NatDatapath:
+    lab: Any
+    datapath: Any
+    tables: PinnedTables
+    netns_fd: int
+    ifindex: dict[str, int]   # gw's interfaces
+    mac: dict[str, str]       # gw's interfaces and the two neighbours ("host1", "inet")
+    pin_dir: str
+
+    # ---------------------------------------------------------------------------------- test runs
+
+    def run(self, function: str, frame: bytes, ifname: str) -> Run:
+        with in_netns(self.netns_fd):
+            res = bpfsys.prog_test_run(self.datapath.prog_fd(function), frame,
+                                       ingress_ifindex=self.ifindex[ifname])
+        return Run(res.retval, res.data)
+
+    def run_many(self, function: str, frames: list[bytes], ifname: str) -> list[Run]:
+        """One setns round trip for many frames (table filling)."""
+        fd, idx = self.datapath.prog_fd(function), self.ifindex[ifname]
+        with in_netns(self.netns_fd):
+            return [Run(r.retval, r.data) for r in
+                    (bpfsys.prog_test_run(fd, f, ingress_ifindex=idx) for f in frames)]
+
+    def inside(self, frame: bytes, ifname: str = "in1") -> Run:
+        return self.run("xdp_inside", frame, ifname)
+
+    def outside(self, frame: bytes) -> Run:
+        return self.run("xdp_outside", frame, "out0")
+
+    # ---------------------------------------------------------------------------------- state
+
+    def stats(self) -> dict[Stat, int]:
+        return {s: p for s, (p, _b) in sum_stats(self.tables.stats_per_cpu()).items()}
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[StatDelta]:
+        delta = StatDelta(self.stats())
+        yield delta
+        delta.after = self.stats()
+
+    def flows(self) -> list[tuple[CtKey, CtEntry]]:
+        return self.tables.flows()
+
+    def flow(self, src: str, dst: str, sport: int, dport: int, proto: int) -> CtEntry | None:
+        return self.tables.lookup_flow(CtKey.make(src, dst, sport, dport, proto))
+
+    def clear_flows(self) -> None:
+        """Delete every flow, both halves (never BCC's clear(): it would bypass the pinned maps' users)."""
+        flows = self.tables.flows()
+        if flows:
+            self.tables.delete_flows(flows)
+        # a reply half whose entry is gone (should not exist; keep tests independent anyway)
+        orphans = [k for k, _ in self.tables.reply_index()]
+        if orphans:
+            self.tables.delete_replies(orphans)

@@ -1,0 +1,204 @@
+"""End to end: real packets from private hosts through natd on the lab gateway (issue: XDP datapath).
+
+Shares one lab + natd per module (nat_lab fixture); each test uses its own ports so they do not interact.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+# A server that answers every TCP connection / UDP datagram with the peer address it sees.
+PEER_ECHO = r"""
+import socket, sys, threading
+addr, tport, uport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def tcp():
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, tport)); s.listen(512)
+    while True:
+        c, peer = s.accept()
+        try:
+            c.sendall(f"{peer[0]}:{peer[1]}\n".encode())
+        finally:
+            c.close()
+def udp():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((addr, uport))
+    while True:
+        data, peer = u.recvfrom(2048)
+        u.sendto(f"{peer[0]}:{peer[1]}".encode(), peer)
+threading.Thread(target=udp, daemon=True).start()
+print("ready", flush=True)
+tcp()
+"""
+
+TCP_ASK = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print(s.recv(200).decode().strip())
+"""
+
+UDP_ASK = r"""
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+for attempt in range(3):
+    u.sendto(b"hi", (sys.argv[1], int(sys.argv[2])))
+    try:
+        print(u.recv(200).decode()); break
+    except TimeoutError:
+        continue
+else:
+    sys.exit("no UDP answer")
+"""
+
+# Opens N connections at once and keeps them all open until every one has its answer.
+MANY_TCP = r"""
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+socks = [socket.create_connection((host, port), timeout=10) for _ in range(n)]
+answers = [s.recv(200).decode().strip() for s in socks]
+print("\n".join(answers))
+for s in socks:
+    s.close()
+"""
+
+
+def start_echo(lab: Any, node: str, tport: int, uport: int) -> None:
+    proc = lab.popen(node, [sys.executable, "-c", PEER_ECHO, lab.addr(node), str(tport), str(uport)],
+                     stdout=-1, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+
+
+def flows(natd: Any, *filters: str) -> list[dict[str, Any]]:
+    res = natd.natctl("-L", "-o", "json", *filters, check=False)
+    assert res.returncode in (0, 1), res.stderr
+    return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]  # JSON lines
+
+
+def test_tcp_udp_icmp_from_two_hosts_see_only_the_external_address(nat_lab: Any) -> None:
+    lab, natd = nat_lab
+    ext = lab.addr("gw", "out0")
+    srv1 = lab.addr("srv1")
+    start_echo(lab, "srv1", 18080, 15353)
+    procs = {h: lab.popen(h, [sys.executable, "-c", TCP_ASK, srv1, "18080"], stdout=-1, text=True)
+             for h in ("host1", "host2")}  # both hosts at once
+    seen = {}
+    for host, proc in procs.items():
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0, f"{host}: TCP through natd failed"
+        seen[host] = out.strip()
+    for host, peer in seen.items():
+        ip, port = peer.rsplit(":", 1)
+        assert ip == ext, f"srv1 saw {host} as {peer}, not the external address {ext}"
+        assert 20000 <= int(port) <= 29999
+    for host in ("host1", "host2"):
+        peer = lab.exec(host, [sys.executable, "-c", UDP_ASK, srv1, "15353"], timeout=20).stdout.strip()
+        assert peer.split(":")[0] == ext
+    for host in ("host1", "host2"):
+        res = lab.exec(host, ["ping", "-c", "3", "-i", "0.2", "-W", "2", lab.addr("srv2")], timeout=20,
+                       check=False)
+        assert " 0% packet loss" in res.stdout, res.stdout
+    # the conntrack table has the flows, with the external address as the reply tuple's destination
+    tcp = flows(natd, "-p", "tcp", "--dport", "18080")
+    assert {f["orig"]["src"] for f in tcp} == {lab.addr("host1"), lab.addr("host2")}
+    assert all(f["reply"]["dst"] == ext for f in tcp)
+
+
+def test_http_through_the_nat(nat_lab: Any) -> None:
+    lab, _ = nat_lab
+    srv2 = lab.addr("srv2")
+    server = lab.popen("srv2", [sys.executable, "-m", "http.server", "18000", "--bind", srv2],
+                       stdout=-1, stderr=-1, text=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if lab.exec("srv2", ["curl", "-sf", "-o", "/dev/null", f"http://{srv2}:18000/"], check=False
+                    ).returncode == 0:
+            break
+        time.sleep(0.1)
+    for host in ("host1", "host2"):
+        res = lab.exec(host, ["curl", "-sf", "-o", "/dev/null", "-w", "%{http_code}",
+                              f"http://{srv2}:18000/"], timeout=20)
+        assert res.stdout == "200"
+    server.terminate()
+    _, log = server.communicate(timeout=10)
+    clients = {line.split()[0] for line in log.splitlines() if '"GET / HTTP' in line} - {srv2}  # - probe
+    assert clients == {lab.addr("gw", "out0")}, log
+
+
+def test_unsolicited_inbound_never_reaches_a_private_host(nat_lab: Any) -> None:
+    lab, natd = nat_lab
+    ext = lab.addr("gw", "out0")
+    before = natd.metric("natd_packets_dropped_total", reason="no_mapping") or 0
+    capture = lab.popen("host1", ["tcpdump", "-ni", "eth0", "-c", "50", "-w", "-",
+                                  f"src host {lab.addr('srv1')} and (tcp port 25000 or udp port 25001)"],
+                        stdout=-1, stderr=-1)
+    time.sleep(0.5)
+    for _ in range(3):  # SYNs and datagrams to NAT ports nobody asked for
+        res = lab.exec("srv1", ["timeout", "2", sys.executable, "-c", TCP_ASK, ext, "25000"], check=False)
+        assert res.returncode != 0
+        lab.exec("srv1", ["bash", "-c", f"echo x > /dev/udp/{ext}/25001"], check=False)
+    time.sleep(0.5)
+    capture.terminate()
+    pcap, _ = capture.communicate(timeout=10)
+    assert len(pcap) <= 24, "host1 captured packets from srv1 it never asked for"  # pcap header only
+    after = natd.metric("natd_packets_dropped_total", reason="no_mapping") or 0
+    assert after - before >= 4
+
+
+def test_internet_routing_private_prefixes_at_the_gateway_is_dropped(nat_lab: Any) -> None:
+    lab, natd = nat_lab
+    before = natd.metric("natd_packets_dropped_total", reason="to_private") or 0
+    with lab.ipr("inet") as ipr:  # an attacker's route: 10.0.0.0/8 via the gateway
+        ipr.route("replace", dst="10.0.0.0/8", gateway=lab.addr("gw", "out0"))
+    try:
+        res = lab.exec("inet", ["ping", "-c", "3", "-i", "0.2", "-W", "1", lab.addr("host1")], check=False)
+        assert " 100% packet loss" in res.stdout
+    finally:
+        with lab.ipr("inet") as ipr:
+            ipr.route("del", dst="10.0.0.0/8", gateway=lab.addr("gw", "out0"))
+    after = natd.metric("natd_packets_dropped_total", reason="to_private") or 0
+    assert after - before >= 3
+
+
+def test_gateway_own_connections_still_work(nat_lab: Any) -> None:
+    lab, _ = nat_lab
+    start_echo(lab, "srv2", 18081, 15354)
+    peer = lab.exec("gw", [sys.executable, "-c", TCP_ASK, lab.addr("srv2"), "18081"], timeout=15).stdout
+    ip, port = peer.strip().rsplit(":", 1)
+    assert ip == lab.addr("gw", "out0")
+    lo, hi = map(int, lab.exec("gw", ["cat", "/proc/sys/net/ipv4/ip_local_port_range"]).stdout.split())
+    assert lo <= int(port) <= hi  # the kernel's own port, untouched by the NAT
+
+
+def test_200_concurrent_flows_get_200_distinct_mappings(nat_lab: Any) -> None:
+    lab, natd = nat_lab
+    start_echo(lab, "srv1", 18082, 15355)
+    out = lab.exec("host1", [sys.executable, "-c", MANY_TCP, lab.addr("srv1"), "18082", "200"],
+                   timeout=60).stdout.split()
+    assert len(out) == 200
+    assert len(set(out)) == 200
+    assert {o.split(":")[0] for o in out} == {lab.addr("gw", "out0")}
+    table = flows(natd, "-p", "tcp", "-s", lab.addr("host1"), "--dport", "18082")
+    assert len(table) == 200
+    assert len({f["external"]["port"] for f in table}) == 200
+
+
+def test_translated_packets_bypass_the_kernel_forwarding_path(nat_lab: Any) -> None:
+    lab, natd = nat_lab
+    srv1 = lab.addr("srv1")
+    lab.exec("host1", ["ping", "-c", "2", "-W", "1", srv1], check=False)  # neighbours resolved
+    nstat = json.loads(lab.exec("gw", ["nstat", "-az", "--json"]).stdout)
+    fwd_before = nstat["kernel"]["IpForwDatagrams"]
+    redirect_before = natd.metric("natd_xdp_verdicts_total", verdict="redirect") or 0
+    lab.exec("host1", ["ping", "-c", "200", "-i", "0.002", "-W", "1", srv1], timeout=30)
+    nstat = json.loads(lab.exec("gw", ["nstat", "-az", "--json"]).stdout)
+    fwd = nstat["kernel"]["IpForwDatagrams"] - fwd_before
+    redirected = (natd.metric("natd_xdp_verdicts_total", verdict="redirect") or 0) - redirect_before
+    assert redirected >= 400  # 200 requests out + 200 replies back, all redirected by XDP
+    assert fwd <= 2, f"the kernel forwarded {fwd} packets that natd should have redirected"
