@@ -31,7 +31,7 @@ int xdp_inside(struct xdp_md *ctx)
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	__u32 reason = 0;
-	int rc, l4, outbound;
+	int fib_rc, l4, outbound;
 	__be32 ext;
 
 	eth = parse_ethhdr(&c);
@@ -46,21 +46,21 @@ int xdp_inside(struct xdp_md *ctx)
 	if (ip->ttl <= 1)
 		return verdict(ctx, XDP_PASS, STAT_PASS_TTL);
 
-	rc = fib_lookup_v4(ctx, &fib, ip, ip->saddr, ip->daddr, bpf_ntohs(ip->tot_len));
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+	fib_rc = fib_lookup_v4(ctx, &fib, ip, ip->saddr, ip->daddr, bpf_ntohs(ip->tot_len));
+	if (fib_rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
 		/* With DF the kernel sends Fragmentation Needed to the inside host (PMTU discovery). */
 		if (ip->frag_off & bpf_htons(0x4000))
 			return verdict(ctx, XDP_PASS, STAT_PASS_FRAG_NEEDED);
 		/* Without DF the kernel would fragment and forward it untranslated: only allowed inside. */
-		rc = fib_lookup_v4(ctx, &fib, ip, ip->saddr, ip->daddr, 0);
-		if ((rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) &&
+		fib_rc = fib_lookup_v4(ctx, &fib, ip, ip->saddr, ip->daddr, 0);
+		if ((fib_rc == BPF_FIB_LKUP_RET_SUCCESS || fib_rc == BPF_FIB_LKUP_RET_NO_NEIGH) &&
 		    fib_is_outside(fib.ifindex))
 			return verdict(ctx, XDP_DROP, STAT_DROP_FRAG_NEEDED_NO_DF);
 		return verdict(ctx, XDP_PASS, STAT_PASS_INSIDE_ROUTE);
 	}
-	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+	if (fib_rc == BPF_FIB_LKUP_RET_NOT_FWDED)
 		return verdict(ctx, XDP_PASS, STAT_PASS_LOCAL);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+	if (fib_rc != BPF_FIB_LKUP_RET_SUCCESS && fib_rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return verdict(ctx, XDP_PASS, STAT_PASS_FIB_OTHER);
 	outbound = fib_is_outside(fib.ifindex);
 	if (!outbound)
@@ -90,8 +90,7 @@ int xdp_inside(struct xdp_md *ctx)
 			return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
 		if (snat_pick_addr(rule, ip->saddr, &ext) < 0)
 			return verdict(ctx, XDP_DROP, STAT_DROP_PORT_EXHAUSTED);
-		rc = snat_create(&key, rule, ext, ct_initial_state(f.tcp), &reason);
-		if (rc < 0)
+		if (snat_create(&key, rule, ext, ct_initial_state(f.tcp), &reason) < 0)
 			return verdict(ctx, XDP_DROP, reason);
 		e = ct_orig.lookup(&key);
 		if (!e)
@@ -103,7 +102,7 @@ int xdp_inside(struct xdp_md *ctx)
 
 	/* Unresolved next hop: the kernel forwards this (already translated) packet and resolves the
 	 * neighbour for the next ones. */
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+	if (fib_rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return verdict(ctx, XDP_PASS, STAT_PASS_NO_NEIGH);
 	return count_action(ctx, fib_redirect(eth, ip, &fib));
 }
@@ -121,7 +120,7 @@ int xdp_outside(struct xdp_md *ctx)
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	__u16 port;
-	int rc, l4;
+	int fib_rc, l4;
 
 	eth = parse_ethhdr(&c);
 	if (!eth)
@@ -168,10 +167,10 @@ int xdp_outside(struct xdp_md *ctx)
 	dnat_rewrite(ip, &f, rv->orig.saddr, rv->orig.sport);
 	stat_count(STAT_DNAT_IN, bytes);
 
-	rc = fib_lookup_v4(ctx, &fib, ip, ip->saddr, ip->daddr, bpf_ntohs(ip->tot_len));
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+	fib_rc = fib_lookup_v4(ctx, &fib, ip, ip->saddr, ip->daddr, bpf_ntohs(ip->tot_len));
+	if (fib_rc == BPF_FIB_LKUP_RET_SUCCESS)
 		return count_action(ctx, fib_redirect(eth, ip, &fib));
 	/* Translated back already: whatever the kernel does with it now (resolve the neighbour, fragment,
 	 * send Fragmentation Needed) concerns the inside host only. */
-	return verdict(ctx, XDP_PASS, rc == BPF_FIB_LKUP_RET_NO_NEIGH ? STAT_PASS_NO_NEIGH : STAT_PASS_FIB_OTHER);
+	return verdict(ctx, XDP_PASS, fib_rc == BPF_FIB_LKUP_RET_NO_NEIGH ? STAT_PASS_NO_NEIGH : STAT_PASS_FIB_OTHER);
 }

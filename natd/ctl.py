@@ -204,7 +204,9 @@ class FlowFilter:
         return (_in_net(key.saddr, self.orig_src) and _in_net(key.daddr, self.orig_dst)
                 and _in_net(entry.nat_addr, self.reply_dst))
 
-    def select(self, flows: Iterable[Flow]) -> list[Flow]:
+    def select(self, flows: Sequence[Flow]) -> Sequence[Flow]:
+        if not self.active:
+            return flows
         return [(k, e) for k, e in flows if self.matches(k, e)]
 
 
@@ -249,8 +251,7 @@ def list_flows(tables: Tables, flt: FlowFilter, timeouts: TimeoutPolicy, now_ns:
 
 def count_flows(tables: Tables, flt: FlowFilter, out: TextIO) -> int:
     """-C: the number of (matching) flows, bare."""
-    flows = tables.flows()
-    print(len(flt.select(flows)) if flt.active else len(flows), file=out)
+    print(len(flt.select(tables.flows())), file=out)
     return 0
 
 
@@ -337,7 +338,12 @@ class PinInfo:
     interfaces: tuple[InterfaceInfo, ...] = ()
 
 
-_XDP_MODES = {1: "driver mode", 2: "generic mode", 3: "offloaded", 4: "several modes"}
+# IFLA_XDP_ATTACHED: the kernel's number, or pyroute2's name for it (the names `ip link` prints)
+_XDP_MODES: dict[object, str] = {
+    1: "driver mode", 2: "generic mode", 3: "offloaded", 4: "several modes",
+    "xdp": "driver mode", "xdpgeneric": "generic mode", "xdpoffload": "offloaded",
+    "xdpmulti": "several modes",
+}
 
 
 def _xdp_of(ifindex: int) -> str:
@@ -538,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     filters.add_argument("--reply-port-dst", type=_port, metavar="PORT", help="external port")
     filters.add_argument("--state", type=_state, metavar="STATE", help="TCP state, e.g. ESTABLISHED")
     parser.add_argument("-o", "--output", choices=["text", "json"],
-                        help="text (default) or json: one object per line (-L, -D, -S, status)")
+                        help="text (default) or json: one object per line for -L, -D and -S, "
+                             "one object for status")
     return parser
 
 
@@ -600,6 +607,8 @@ def run(argv: Sequence[str] | None = None, *,
     except BrokenPipeError:  # natctl -L | head
         _silence_stdout()
         return 1
+    except KeyboardInterrupt:
+        return 130
     finally:
         close = getattr(tables, "close", None)
         if callable(close):

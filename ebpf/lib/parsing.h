@@ -11,15 +11,19 @@
 #include <linux/udp.h>
 #include <linux/icmp.h>
 
+/* end is data_end, the bound the verifier trusts; limit is where the IP datagram ends (total length),
+ * which can be short of end when the frame carries Ethernet padding. A header must fit both. */
 struct hdr_cursor {
 	void *pos;
 	void *end;
+	void *limit;
 };
 
 static __always_inline struct ethhdr *parse_ethhdr(struct hdr_cursor *c)
 {
 	struct ethhdr *eth = c->pos;
 
+	c->limit = c->end;
 	if ((void *)(eth + 1) > c->end)
 		return NULL;
 	c->pos = eth + 1;
@@ -41,6 +45,7 @@ static __always_inline struct iphdr *parse_iphdr(struct hdr_cursor *c)
 		return NULL;
 	if (bpf_ntohs(ip->tot_len) < hdrlen || c->pos + bpf_ntohs(ip->tot_len) > c->end)
 		return NULL;
+	c->limit = c->pos + bpf_ntohs(ip->tot_len);
 	c->pos += hdrlen;
 	return ip;
 }
@@ -49,7 +54,9 @@ static __always_inline struct tcphdr *parse_tcphdr(struct hdr_cursor *c)
 {
 	struct tcphdr *tcp = c->pos;
 
-	if ((void *)(tcp + 1) > c->end || tcp->doff < 5)
+	if ((void *)(tcp + 1) > c->end || (void *)(tcp + 1) > c->limit || tcp->doff < 5)
+		return NULL;
+	if ((void *)tcp + tcp->doff * 4 > c->limit)
 		return NULL;
 	c->pos = tcp + 1;
 	return tcp;
@@ -59,7 +66,9 @@ static __always_inline struct udphdr *parse_udphdr(struct hdr_cursor *c)
 {
 	struct udphdr *udp = c->pos;
 
-	if ((void *)(udp + 1) > c->end)
+	if ((void *)(udp + 1) > c->end || (void *)(udp + 1) > c->limit)
+		return NULL;
+	if (bpf_ntohs(udp->len) < sizeof(*udp) || (void *)udp + bpf_ntohs(udp->len) > c->limit)
 		return NULL;
 	c->pos = udp + 1;
 	return udp;
@@ -69,7 +78,7 @@ static __always_inline struct icmphdr *parse_icmphdr(struct hdr_cursor *c)
 {
 	struct icmphdr *icmp = c->pos;
 
-	if ((void *)(icmp + 1) > c->end)
+	if ((void *)(icmp + 1) > c->end || (void *)(icmp + 1) > c->limit)
 		return NULL;
 	c->pos = icmp + 1;
 	return icmp;

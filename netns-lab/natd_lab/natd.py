@@ -92,6 +92,19 @@ class NatdInLab:
                 return msg
         raise NatdError(f"natd did not send {field} within {timeout:.0f} s:\n{self.log_tail()}")
 
+    def drain(self) -> list[str]:
+        """Collect every notify message already sent (non-blocking); returns all messages so far."""
+        if self._sock is not None:
+            self._sock.setblocking(False)
+            try:
+                while True:
+                    self.messages.append(self._sock.recv(65536).decode())
+            except BlockingIOError:
+                pass
+            finally:
+                self._sock.setblocking(True)
+        return self.messages
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text().splitlines()[-lines:])
@@ -122,7 +135,9 @@ class NatdInLab:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            rc = self.proc.wait(timeout)
+            self.drain()
+            return rc
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)

@@ -275,7 +275,8 @@ def test_missing_state_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> 
     assert ctl.run(["-L"], open_tables=no_state, default_config=None) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == "natctl: error: no pinned map at /x/ct_orig; is natd running with this instance and pin_root?\n"
+    assert err == ("natctl: error: no pinned map at /x/ct_orig; is natd running with this instance and "
+                   "pin_root?\n")
 
 
 def test_open_pinned_without_state_names_instance_and_pin_root(tmp_path: Path) -> None:
@@ -396,7 +397,7 @@ def test_read_pin_info_needs_pinned_tables() -> None:
     assert str(exc.value) == "status reads pinned maps; FakeTables has none"
 
 
-# --- filters as a unit ----------------------------------------------------------------------------------------
+# --- filters as a unit ---------------------------------------------------------------------------------
 
 
 def test_empty_filter_matches_everything_and_is_inactive() -> None:
@@ -482,7 +483,63 @@ def test_status_json(natctl: Run) -> None:
 
 def test_main_is_run(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[object] = []
-    monkeypatch.setattr(ctl, "run", lambda argv: calls.append(argv) or 0)
+
+    def fake_run(argv: list[str]) -> int:
+        calls.append(argv)
+        return 0
+
+    monkeypatch.setattr(ctl, "run", fake_run)
     assert ctl.main(["-C"]) == 0
     assert calls == [["-C"]]
     assert os.path.basename(ctl.DEFAULT_CONFIG) == "natd.yaml"
+
+
+# --- XDP attachment (netlink faked) -------------------------------------------------------------------
+
+
+class FakeNla:
+    def __init__(self, attrs: dict[str, object]) -> None:
+        self.attrs = attrs
+
+    def get_attr(self, name: str) -> object:
+        return self.attrs.get(name)
+
+
+def fake_iproute(monkeypatch: pytest.MonkeyPatch, xdp: FakeNla | None) -> None:
+    import pyroute2
+
+    class FakeIPRoute:
+        def __enter__(self) -> FakeIPRoute:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def get_links(self, index: int) -> list[FakeNla]:
+            if index == 99:
+                raise OSError(19, "No such device")
+            return [FakeNla({"IFLA_XDP": xdp})]
+
+    monkeypatch.setattr(pyroute2, "IPRoute", FakeIPRoute)
+
+
+@pytest.mark.parametrize(("attrs", "expected"), [
+    ({"IFLA_XDP_ATTACHED": "xdp", "IFLA_XDP_PROG_ID": 42}, "xdp prog id 42 (driver mode)"),
+    ({"IFLA_XDP_ATTACHED": "xdpgeneric", "IFLA_XDP_PROG_ID": 7}, "xdp prog id 7 (generic mode)"),
+    ({"IFLA_XDP_ATTACHED": 1, "IFLA_XDP_PROG_ID": 3}, "xdp prog id 3 (driver mode)"),
+    ({"IFLA_XDP_ATTACHED": None}, "no XDP program"),
+])
+def test_xdp_attachment(monkeypatch: pytest.MonkeyPatch, attrs: dict[str, object], expected: str) -> None:
+    fake_iproute(monkeypatch, FakeNla(attrs))
+    assert ctl._xdp_of(5) == expected
+
+
+def test_xdp_attachment_errors_do_not_fail_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_iproute(monkeypatch, None)
+    assert ctl._xdp_of(5) == "no XDP program"
+    assert ctl._xdp_of(99) == "unknown ([Errno 19] No such device)"
+
+
+def test_interface_that_does_not_exist() -> None:
+    assert ctl._interface("natd-nope0", None, "inside") == InterfaceInfo(
+        "natd-nope0", "inside", None, "not found in this network namespace")
