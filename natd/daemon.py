@@ -168,9 +168,10 @@ class Daemon:
             self.reaper.stop()
             self.reaper.join(timeout=10)
         if self.metrics_server is not None:
-            shutdown = getattr(self.metrics_server, "shutdown", None)
-            if shutdown:
-                shutdown()
+            for method in ("shutdown", "server_close"):  # close too, or the port stays bound
+                call = getattr(self.metrics_server, method, None)
+                if call:
+                    call()
         if self.datapath is not None and detach:
             self.datapath.detach_all()
             log.info("detached; flows stay pinned in %s", self.pin_dir)

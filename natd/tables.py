@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -66,11 +67,13 @@ class PinnedTables:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self._maps: dict[str, bpfsys.BpfMap] = {}
+        self._lock = threading.Lock()  # scrapes, the reaper and reloads open maps from their own threads
 
     def map(self, name: str) -> bpfsys.BpfMap:
-        if name not in self._maps:
-            self._maps[name] = bpfsys.BpfMap.open_pinned(os.path.join(self.directory, name))
-        return self._maps[name]
+        with self._lock:
+            if name not in self._maps:
+                self._maps[name] = bpfsys.BpfMap.open_pinned(os.path.join(self.directory, name))
+            return self._maps[name]
 
     def close(self) -> None:
         for m in self._maps.values():

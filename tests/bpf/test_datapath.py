@@ -788,6 +788,32 @@ def test_tcp_data_offset_below_5_dropped(dp: NatDatapath) -> None:
     assert d[Stat.DROP_MALFORMED] == 1
 
 
+def test_tcp_data_offset_beyond_segment_dropped(dp: NatDatapath) -> None:
+    """Data offset 15 (60-byte header) in a 20-byte segment: receivers and conntrack call it malformed."""
+    frame = bytes(eth_in(dp) / IP(src=HOST1, dst=SRV) / TCP(sport=40000, dport=80, flags="S", dataofs=15))
+    with dp.counting() as d:
+        run = dp.inside(frame)
+    assert_untouched(run, frame, XDP_DROP)
+    assert d[Stat.DROP_MALFORMED] == 1 and dp.flows() == []
+
+
+@pytest.mark.parametrize("udp_len", [0, 7, 14])
+def test_bad_udp_length_dropped(dp: NatDatapath, udp_len: int) -> None:
+    """UDP length below the header size or beyond the datagram (here 13 bytes: header + 'query')."""
+    frame = bytes(eth_in(dp) / IP(src=HOST1, dst=SRV) / UDP(sport=5353, dport=53, len=udp_len) / b"query")
+    with dp.counting() as d:
+        run = dp.inside(frame)
+    assert_untouched(run, frame, XDP_DROP)
+    assert d[Stat.DROP_MALFORMED] == 1 and dp.flows() == []
+
+
+def test_udp_length_shorter_than_datagram_translated(dp: NatDatapath) -> None:
+    """A UDP length short of the IP payload is legal (trailing bytes inside the datagram are ignored)."""
+    frame = bytes(eth_in(dp) / IP(src=HOST1, dst=SRV) / UDP(sport=5353, dport=53, len=9) / b"query")
+    run = dp.inside(frame)
+    assert run.retval == XDP_REDIRECT and Ether(run.data)[IP].src == GW_OUT
+
+
 @pytest.mark.parametrize("entry", ["inside", "outside"])
 @pytest.mark.parametrize("proto,l4_len", [
     pytest.param(TCP_P, 10, id="tcp-header-cut-by-ip-length"),
@@ -881,7 +907,8 @@ def _l4_sum(frame: bytes) -> int:
 def _translatable(frame: bytes, entry: str) -> int | None:
     """The IP protocol when frame is a well-formed IPv4 TCP/UDP/ICMP-echo packet natd may translate:
     Ethernet + IPv4 without options or fragmentation, TTL > 1 (inside), the L4 header inside the IP total
-    length, TCP data offset >= 5, ICMP echo request (inside) / reply (outside) with code 0."""
+    length, TCP data offset from 5 to the end of the datagram, UDP length from 8 to the end of the datagram,
+    ICMP echo request (inside) / reply (outside) with code 0."""
     if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[14] != 0x45:
         return None
     tot = struct.unpack("!H", frame[16:18])[0]
@@ -893,7 +920,9 @@ def _translatable(frame: bytes, entry: str) -> int | None:
     need = {TCP_P: 20, UDP_P: 8, ICMP_P: 8}.get(proto)
     if need is None or l4_len < need:
         return None
-    if proto == TCP_P and frame[46] >> 4 < 5:
+    if proto == TCP_P and not 5 <= frame[46] >> 4 <= l4_len // 4:
+        return None
+    if proto == UDP_P and not 8 <= struct.unpack("!H", frame[38:40])[0] <= l4_len:
         return None
     if proto == ICMP_P and (frame[34], frame[35]) != ((8 if entry == "inside" else 0), 0):
         return None
