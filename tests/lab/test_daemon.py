@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import pytest
-
 from natd_lab.natd import NatdError
 
 pytestmark = pytest.mark.lab
@@ -83,7 +82,8 @@ print(got)
 
 def test_tcp_transfer_survives_kill_9_and_restart(lab: Any, natd_factory: Any) -> None:
     natd = natd_factory(lab)
-    sender = lab.popen("srv1", [sys.executable, "-c", SLOW_SENDER, lab.addr("srv1"), "6"], stdout=-1, text=True)
+    sender = lab.popen("srv1", [sys.executable, "-c", SLOW_SENDER, lab.addr("srv1"), "6"],
+                       stdout=-1, text=True)
     assert sender.stdout is not None and sender.stdout.readline().strip() == "ready"
     receiver = lab.popen("host1", [sys.executable, "-c", RECEIVER, lab.addr("srv1")], stdout=-1, text=True)
     time.sleep(1.5)
