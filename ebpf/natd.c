@@ -18,6 +18,7 @@
 #include "fib.h"
 #include "conntrack.h"
 #include "nat.h"
+#include "icmp_error.h"
 
 int xdp_inside(struct xdp_md *ctx)
 {
@@ -74,8 +75,11 @@ int xdp_inside(struct xdp_md *ctx)
 	l4 = parse_l4_fields(&c, ip, &f, ICMP_ECHO);
 	if (l4 < 0)
 		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
-	if (l4 > 0)
+	if (l4 > 0) {
+		if (f.icmp && icmp_is_error(f.icmp->type))
+			return icmp_error_out(ctx, &c, eth, ip, f.icmp, &fib, fib_rc);
 		return verdict(ctx, XDP_DROP, STAT_DROP_UNSUPPORTED);
+	}
 
 	key.saddr = ip->saddr;
 	key.daddr = ip->daddr;
@@ -143,8 +147,11 @@ int xdp_outside(struct xdp_md *ctx)
 	l4 = parse_l4_fields(&c, ip, &f, ICMP_ECHOREPLY);
 	if (l4 < 0)
 		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
-	if (l4 > 0)
+	if (l4 > 0) {
+		if (f.icmp && icmp_is_error(f.icmp->type))
+			return icmp_error_in(ctx, &c, eth, ip, f.icmp, ext);
 		return verdict(ctx, XDP_PASS, ip->protocol == IPPROTO_ICMP ? STAT_PASS_ICMP_OTHER : STAT_PASS_LOCAL);
+	}
 
 	rk.saddr = ip->saddr;
 	rk.daddr = ip->daddr;

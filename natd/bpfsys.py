@@ -85,6 +85,7 @@ def _lib() -> ctypes.CDLL:
         "bpf_map_update_batch": [ctypes.c_int, vp, vp, u32p, ctypes.POINTER(_BatchOpts)],
         "bpf_obj_get_info_by_fd": [ctypes.c_int, vp, u32p],
         "bpf_prog_test_run_opts": [ctypes.c_int, ctypes.POINTER(_TestRunOpts)],
+        "bpf_map_create": [ctypes.c_int, cp, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, vp],
     }
     for fname, argtypes in sigs.items():
         fn = getattr(lib, fname)

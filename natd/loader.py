@@ -103,6 +103,15 @@ def ensure_bpffs(pin_root: str, mountinfo: str = "/proc/self/mountinfo") -> None
 
 def check_pinned_layout(pin_dir: str, ct_max: int) -> bool:
     """True when pinned maps exist and fit this natd; raises when they exist and do not."""
+    parent = os.path.dirname(pin_dir)
+    mine = os.path.basename(pin_dir)
+    others = sorted(d for d in (os.listdir(parent) if os.path.isdir(parent) else [])
+                    if d.startswith("v") and d != mine and os.path.exists(os.path.join(parent, d, "ct_orig")))
+    if others:
+        raise LayoutMismatchError(
+            f"{parent} holds pinned state of map layout {', '.join(others)}; this natd uses {mine} and would "
+            f"start with an empty table beside it, dropping those flows. Stop the old natd with its own "
+            f"'natd --detach', or remove {os.path.join(parent, others[0])} to start fresh")
     path = os.path.join(pin_dir, "ct_orig")
     if not os.path.exists(path):
         return False

@@ -12,7 +12,7 @@ import ipaddress
 import socket
 import struct
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MAX_POOL = 256
 MAX_RULES = 1024
 MAX_IFACES = 64
@@ -90,6 +90,8 @@ class Stat(enum.IntEnum):
     CT_NEW = 24
     CT_ESTABLISHED = 25
     CT_CREATE_RACE = 26
+    ICMP_ERROR_IN = 27
+    ICMP_ERROR_OUT = 28
 
 
 STAT_MAX = len(Stat)

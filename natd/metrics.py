@@ -11,6 +11,8 @@ natd_connections_established_total         CT_ESTABLISHED: TCP flows that reache
                                            (CloudWatch ConnectionEstablishedCount)
 natd_port_allocation_errors_total          DROP_PORT_EXHAUSTED (CloudWatch ErrorPortAllocation)
 natd_conntrack_create_races_total          CT_CREATE_RACE: another CPU created the same flow first
+natd_icmp_errors_translated_total{direction}  ICMP_ERROR_IN / ICMP_ERROR_OUT: ICMP errors about mapped flows
+                                           translated to the inside host (in) or out to the internet (out)
 natd_packets_total / natd_bytes_total      see "Traffic directions" below
 natd_packets_dropped_total{reason}         every DROP_* counter; reason = the name without DROP_,
                                            lower-case (malformed, no_mapping, port_exhausted, ...)
@@ -355,6 +357,13 @@ class NatdCollector:
                                   "New flows another CPU created first (harmless; the packet used that "
                                   "entry).",
                                   value=packets(Stat.CT_CREATE_RACE))
+        icmp = CounterMetricFamily("natd_icmp_errors_translated_total",
+                                   "ICMP errors (unreachable, time exceeded, parameter problem) about mapped "
+                                   "flows, translated towards the inside host (in) or the internet (out).",
+                                   labels=["direction"])
+        icmp.add_metric(["in"], packets(Stat.ICMP_ERROR_IN))
+        icmp.add_metric(["out"], packets(Stat.ICMP_ERROR_OUT))
+        yield icmp
         pkts = CounterMetricFamily("natd_packets_total",
                                    "Packets natd received for translation (direction=in) and sent on "
                                    "translated (direction=out), from/to the inside hosts (side=source) or "

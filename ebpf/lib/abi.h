@@ -11,7 +11,7 @@
 
 #include <linux/types.h>
 
-#define NATD_LAYOUT_VERSION 1
+#define NATD_LAYOUT_VERSION 2
 
 #define NATD_MAX_POOL 256      /* external addresses over all rules */
 #define NATD_MAX_RULES 1024    /* snat rules (LPM entries) */
@@ -134,6 +134,8 @@ enum natd_stat {
 	STAT_CT_NEW,
 	STAT_CT_ESTABLISHED,
 	STAT_CT_CREATE_RACE,      /* another CPU created the same flow first */
+	STAT_ICMP_ERROR_IN,       /* ICMP error for a mapped flow, translated to the inside host */
+	STAT_ICMP_ERROR_OUT,      /* ICMP error from an inside host about a mapped flow, translated out */
 	STAT_MAX,
 };
 

@@ -96,6 +96,7 @@ struct l4_fields {
 	__u16 *dport;          /* TCP/UDP destination port, ICMP echo identifier */
 	__u16 *csum;           /* L4 checksum */
 	struct tcphdr *tcp;    /* NULL unless TCP */
+	struct icmphdr *icmp;  /* NULL unless ICMP (any type) */
 	__u8 pseudo;           /* checksum covers the IP pseudo-header (TCP, UDP) */
 	__u8 udp;              /* a zero checksum means "none" and stays zero (RFC 768) */
 };
@@ -106,6 +107,7 @@ static __always_inline int parse_l4_fields(struct hdr_cursor *c, const struct ip
 					   __u8 icmp_echo_type)
 {
 	f->tcp = NULL;
+	f->icmp = NULL;
 	f->pseudo = 1;
 	f->udp = 0;
 	if (ip->protocol == IPPROTO_TCP) {
@@ -135,6 +137,7 @@ static __always_inline int parse_l4_fields(struct hdr_cursor *c, const struct ip
 
 		if (!icmp)
 			return -1;
+		f->icmp = icmp;
 		if (icmp->type != icmp_echo_type || icmp->code != 0)
 			return 1;
 		f->pseudo = 0;

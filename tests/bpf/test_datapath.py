@@ -678,7 +678,6 @@ def test_unsupported_ip_bound_outside_dropped(dp: NatDatapath, ip: IP) -> None:
 
 
 @pytest.mark.parametrize("l4", [
-    pytest.param(ICMP(type=3, code=3), id="icmp-unreachable"),
     pytest.param(ICMP(type=0, id=5), id="icmp-echo-reply"),
     pytest.param(ICMP(type=8, code=1, id=5), id="icmp-echo-bad-code"),
     pytest.param(Raw(b"\x00" * 24), id="gre"),
@@ -690,6 +689,15 @@ def test_untranslatable_protocol_bound_outside_dropped(dp: NatDatapath, l4: Pack
         run = dp.inside(frame)
     assert_untouched(run, frame, XDP_DROP)
     assert d[Stat.DROP_UNSUPPORTED] == 1
+
+
+@pytest.mark.parametrize("icmp_type", [3, 11, 12])
+def test_icmp_error_without_quoted_packet_dropped(dp: NatDatapath, icmp_type: int) -> None:
+    """An ICMP error that quotes nothing natd could translate is never forwarded with a private source."""
+    frame = bytes(eth_in(dp) / IP(src=HOST1, dst=SRV) / ICMP(type=icmp_type, code=0))
+    run = dp.inside(frame)
+    assert_untouched(run, frame, XDP_DROP)
+    assert dp.flows() == []
 
 
 def test_too_big_with_df_passed_for_frag_needed(dp: NatDatapath) -> None:
@@ -929,7 +937,20 @@ def _translatable(frame: bytes, entry: str) -> int | None:
     return proto
 
 
-Mapping = tuple[int, str, str, int, int]  # proto, remote addr, external addr, external port, remote port
+def _icmp_error(frame: bytes) -> bool:
+    """A well-formed IPv4 ICMP error (Destination Unreachable, Time Exceeded, Parameter Problem): natd may
+    translate the outer address and the packet it quotes (RFC 5508), nothing else."""
+    if len(frame) < 42 or frame[12:14] != b"\x08\x00" or frame[14] != 0x45 or frame[23] != ICMP_P:
+        return False
+    tot = struct.unpack("!H", frame[16:18])[0]
+    if tot < 28 or 14 + tot > len(frame) or struct.unpack("!H", frame[20:22])[0] & 0x3FFF:
+        return False
+    return frame[34] in (3, 11, 12)
+
+
+EXTERNAL = {ipaddress.IPv4Address(a) for a in (GW_OUT, *POOL, TINY_POOL_ADDR)}
+# proto, remote addr, external addr, external port, remote port, inside addr, inside port
+Mapping = tuple[int, str, str, int, int, str, int]
 
 
 @st.composite
@@ -938,13 +959,15 @@ def ip_frames(draw: st.DrawFn, entry: str, eth: Ether, mappings: list[Mapping]) 
     (options, fragments, TTL 0-2, odd data offsets, UDP checksum 0, ICMP types) and then perhaps truncated,
     padded, given another IP total length or a flipped byte. mappings are flows that exist, so outside
     frames often hit one."""
-    kind = draw(st.sampled_from(["bytes", "ip", "ip", "ip", "ip"]))
+    kind = draw(st.sampled_from(["bytes", "ip", "ip", "ip", "ip", "icmp-error"]))
     if kind == "bytes":
         return draw(st.binary(min_size=14, max_size=120))
+    if kind == "icmp-error":
+        return draw(icmp_errors(entry, eth, mappings))
     proto = draw(st.sampled_from([TCP_P, TCP_P, UDP_P, UDP_P, ICMP_P, ICMP_P, 47, 0]))
     mapped = entry == "outside" and mappings and draw(st.booleans())
     if mapped:
-        mproto, remote, ext, eport, rport = draw(st.sampled_from(mappings))
+        mproto, remote, ext, eport, rport, _, _ = draw(st.sampled_from(mappings))
         proto = mproto
         src, dst = remote, ext
         sport, dport = rport, eport
@@ -997,8 +1020,49 @@ def ip_frames(draw: st.DrawFn, entry: str, eth: Ether, mappings: list[Mapping]) 
     return bytes(frame)
 
 
+@st.composite
+def icmp_errors(draw: st.DrawFn, entry: str, eth: Ether, mappings: list[Mapping]) -> bytes:
+    """ICMP errors quoting a packet of an existing flow (outside: as the internet saw it, inside: as the
+    inside host saw it), or of no flow; with the quote cut at random points."""
+    proto, remote, ext, eport, rport, host, hport = draw(st.sampled_from(mappings))
+    if not draw(st.integers(0, 3)):
+        eport = draw(st.integers(0, 65535))  # no such mapping
+    out = entry == "outside"
+    if proto == ICMP_P:
+        quoted_l4: Packet = ICMP(type=8, id=eport) if out else ICMP(type=0, id=hport)
+    else:
+        layer = TCP if proto == TCP_P else UDP
+        quoted_l4 = layer(sport=eport, dport=rport) if out else layer(sport=rport, dport=hport)
+    quoted = (IP(src=ext, dst=remote, ttl=1) if entry == "outside" else IP(src=remote, dst=host)) / quoted_l4
+    quoted_bytes = bytes(quoted)[:draw(st.sampled_from([20, 24, 28, 36, 40, 60]))]
+    icmp = ICMP(type=draw(st.sampled_from([3, 11, 12])), code=draw(st.sampled_from([0, 1, 3, 4])))
+    outer = IP(src="198.51.100.1", dst=ext) if entry == "outside" else IP(src=host, dst=remote)
+    frame = bytearray(bytes(eth / outer / icmp / Raw(quoted_bytes)))
+    if draw(st.integers(0, 4)) == 0:
+        i = draw(st.integers(14, len(frame) - 1))
+        frame[i] ^= draw(st.integers(1, 255))
+    return bytes(frame)
+
+
 def _ct_count(dp: NatDatapath) -> int:
     return len(dp.flows())
+
+
+def _check_icmp_error_translation(entry: str, frame: bytes, out: bytes) -> None:
+    """An ICMP error natd changed: about a translated host (inside) / sent to an external address (outside);
+    only MACs, TTL, the outer address and the ICMP message changed, with IP and ICMP checksums as valid as
+    they came in."""
+    if entry == "inside":
+        src = ipaddress.IPv4Address(frame[26:30])
+        assert any(src in net for net in TRANSLATED), f"ICMP error from {src}, in no snat rule"
+        outer = {26, 27, 28, 29}
+    else:
+        assert ipaddress.IPv4Address(frame[30:34]) in EXTERNAL, "ICMP error to no external address"
+        outer = {30, 31, 32, 33}
+    tot = struct.unpack("!H", frame[16:18])[0]
+    assert changed_offsets(frame, out) <= _L2_L3 | outer | set(range(36, 14 + tot))
+    assert _ocsum(frame[14:34]) % 0xFFFF == _ocsum(out[14:34]) % 0xFFFF, "IP checksum"
+    assert _ocsum(frame[34:14 + tot]) % 0xFFFF == _ocsum(out[34:14 + tot]) % 0xFFFF, "ICMP checksum"
 
 
 def test_fuzz_random_frames(natd_dp: NatDatapath) -> None:
@@ -1006,7 +1070,8 @@ def test_fuzz_random_frames(natd_dp: NatDatapath) -> None:
     - the verdict is XDP_DROP, XDP_PASS or XDP_REDIRECT;
     - a frame that leaves changed was a well-formed TCP/UDP/ICMP-echo IPv4 packet, from a translated
       prefix (inside) or matching an existing reply mapping (outside); only NAT fields changed, and
-      the IP and L4 checksums stay exactly as valid as they were (valid in -> valid out);
+      the IP and L4 checksums stay exactly as valid as they were (valid in -> valid out); or it was an
+      ICMP error (see _check_icmp_error_translation);
     - the conntrack table grows by at most one entry per frame."""
     dp = natd_dp
     dp.clear_flows()
@@ -1020,7 +1085,7 @@ def test_fuzz_random_frames(natd_dp: NatDatapath) -> None:
               ICMP_P: ICMP(type=8, id=sport)}[proto]
         out = Ether(dp.inside(bytes(eth_in(dp) / IP(src=src, dst=SRV) / l4)).data)
         ext_port = out[ICMP].id if proto == ICMP_P else out[TCP if proto == TCP_P else UDP].sport
-        mappings.append((proto, SRV, out[IP].src, ext_port, dport))
+        mappings.append((proto, SRV, out[IP].src, ext_port, dport, src, sport))
 
     reply_map = dp.tables.map("ct_reply")
 
@@ -1057,6 +1122,11 @@ def test_fuzz_random_frames(natd_dp: NatDatapath) -> None:
         if run.data == frame:
             assert run.retval != XDP_REDIRECT, "redirected without the MAC/TTL rewrite"
             return
+        if proto is None and _icmp_error(frame):
+            _check_icmp_error_translation(entry, frame, run.data)
+            seen["icmp-error " + entry] = seen.get("icmp-error " + entry, 0) + 1
+            assert after == before, "an ICMP error created a flow"
+            return
         assert proto is not None, f"{entry}: a frame natd must not translate was changed: {frame.hex()}"
         if entry == "inside":
             src = ipaddress.IPv4Address(frame[26:30])
@@ -1082,4 +1152,5 @@ def test_fuzz_random_frames(natd_dp: NatDatapath) -> None:
     check()
     # the invariants are not vacuous: both entry points translated some frames and left others alone
     outcomes = [f"{e} {c}" for e in ("inside", "outside") for c in ("changed", "unchanged")]
+    print(seen)
     assert all(seen.get(o, 0) > 0 for o in outcomes), seen

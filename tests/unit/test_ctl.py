@@ -14,6 +14,7 @@ import pytest
 from natd import __version__, ctl
 from natd.ctl import BANNER, FlowFilter, InterfaceInfo, PinInfo, Settings, SnatRuleInfo
 from natd.errors import StateError
+from natd.maps import LAYOUT_VERSION as LAYOUT
 from natd.maps import (
     PROTO_ICMP,
     PROTO_TCP,
@@ -284,7 +285,8 @@ def test_open_pinned_without_state_names_instance_and_pin_root(tmp_path: Path) -
     with pytest.raises(StateError) as exc:
         ctl.open_pinned(settings)
     assert str(exc.value) == (
-        f"no natd state in {tmp_path}/edge/v1: is natd running with instance 'edge' and pin_root {tmp_path}? "
+        f"no natd state in {tmp_path}/edge/v{LAYOUT}: is natd running with instance 'edge' and pin_root "
+        f"{tmp_path}? "
         "Pass --instance/--pin-root, or --config with natd's config")
 
 
@@ -292,14 +294,15 @@ def test_open_pinned_with_another_layout_says_so(tmp_path: Path) -> None:
     (tmp_path / "default" / "v9").mkdir(parents=True)
     with pytest.raises(StateError) as exc:
         ctl.open_pinned(Settings(pin_root=str(tmp_path)))
-    assert str(exc.value) == (f"{tmp_path}/default holds natd state of map layout v9, this natctl reads v1; "
+    assert str(exc.value) == (f"{tmp_path}/default holds natd state of map layout v9, this natctl reads "
+                              f"v{LAYOUT}; "
                               "use the natctl of the natd version that is running")
 
 
 def test_pin_root_error_through_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert ctl.run(["--pin-root", str(tmp_path), "-C"], default_config=None) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"natctl: error: no natd state in {tmp_path}/default/v1: ")
+    assert err.startswith(f"natctl: error: no natd state in {tmp_path}/default/v{LAYOUT}: ")
     assert err.count("\n") == 1
 
 
@@ -325,7 +328,7 @@ def test_config_gives_instance_pin_root_and_timeouts(natctl: Run, tmp_path: Path
     assert rc == 0
     assert out.startswith("tcp      6 90 ESTABLISHED ")  # 100 s timeout, idle 10 s
     assert (seen[0].instance, seen[0].pin_root, seen[0].pin_dir) == ("edge", "/run/natd/bpf",
-                                                                     "/run/natd/bpf/edge/v1")
+                                                                     f"/run/natd/bpf/edge/v{LAYOUT}")
 
 
 def test_command_line_overrides_the_config(natctl: Run, tmp_path: Path) -> None:
@@ -334,13 +337,13 @@ def test_command_line_overrides_the_config(natctl: Run, tmp_path: Path) -> None:
     seen: list[Settings] = []
     natctl(populated(), "--config", str(path), "--instance", "lab", "--pin-root", "/sys/fs/bpf/x", "-C",
            seen=seen)
-    assert seen[0].pin_dir == "/sys/fs/bpf/x/lab/v1"
+    assert seen[0].pin_dir == f"/sys/fs/bpf/x/lab/v{LAYOUT}"
 
 
 def test_defaults_without_config(natctl: Run, tmp_path: Path) -> None:
     seen: list[Settings] = []
     natctl(populated(), "-C", seen=seen, default_config=str(tmp_path / "absent.yaml"))
-    assert seen[0].pin_dir == "/sys/fs/bpf/natd/default/v1"
+    assert seen[0].pin_dir == f"/sys/fs/bpf/natd/default/v{LAYOUT}"
 
 
 def test_default_config_is_read_when_present(natctl: Run, tmp_path: Path) -> None:
@@ -348,7 +351,7 @@ def test_default_config_is_read_when_present(natctl: Run, tmp_path: Path) -> Non
     path.write_text(CONFIG)
     seen: list[Settings] = []
     natctl(populated(), "-C", seen=seen, default_config=str(path))
-    assert seen[0].pin_dir == "/run/natd/bpf/edge/v1"
+    assert seen[0].pin_dir == f"/run/natd/bpf/edge/v{LAYOUT}"
 
 
 def test_a_broken_default_config_is_a_warning(natctl: Run, tmp_path: Path) -> None:
@@ -358,7 +361,7 @@ def test_a_broken_default_config_is_a_warning(natctl: Run, tmp_path: Path) -> No
     rc, out, err = natctl(populated(), "-C", seen=seen, default_config=str(path))
     assert (rc, out) == (0, "4\n")
     assert err.startswith(f"natctl: warning: ignoring {path}: {path}:1: ")
-    assert seen[0].pin_dir == "/sys/fs/bpf/natd/default/v1"
+    assert seen[0].pin_dir == f"/sys/fs/bpf/natd/default/v{LAYOUT}"
 
 
 def test_a_broken_explicit_config_is_an_error(natctl: Run, tmp_path: Path) -> None:
@@ -411,7 +414,7 @@ def test_empty_filter_matches_everything_and_is_inactive() -> None:
 
 
 INFO = PinInfo(
-    directory="/sys/fs/bpf/natd/default/v1",
+    directory=f"/sys/fs/bpf/natd/default/v{LAYOUT}",
     pins=("ct_orig", "ct_reply", "stats"),
     rules=(SnatRuleInfo(0, "10.0.0.0/8", ("203.0.113.1", "203.0.113.2"), "20000-29999"),
            SnatRuleInfo(1, "172.16.0.0/12", (), "1024-32767")),
@@ -433,8 +436,8 @@ def test_status_text(natctl: Run) -> None:
     rc, out, err = natctl(status_tables(), "status", pin_info=INFO)
     assert (rc, err) == (0, "")
     assert out.splitlines() == [
-        "natd instance 'default', map layout v1",
-        "pin dir:     /sys/fs/bpf/natd/default/v1 (3 pins: ct_orig ct_reply stats)",
+        f"natd instance 'default', map layout v{LAYOUT}",
+        f"pin dir:     /sys/fs/bpf/natd/default/v{LAYOUT} (3 pins: ct_orig ct_reply stats)",
         "conntrack:   4 / 4096 entries (0.1% full)",
         "translated:  out 11 packets / 1100 bytes, in 8 packets / 900 bytes",
         "dropped:     5 packets (no_mapping 4, malformed 1)",
@@ -455,7 +458,7 @@ def test_status_of_an_idle_natd(natctl: Run) -> None:
     rc, out, _ = natctl(FakeTables(ct_max=1024), "status", pin_info=PinInfo("/p"))
     assert rc == 0
     assert out.splitlines() == [
-        "natd instance 'default', map layout v1",
+        f"natd instance 'default', map layout v{LAYOUT}",
         "pin dir:     /p (0 pins: )",
         "conntrack:   0 / 1024 entries (0.0% full)",
         "translated:  out 0 packets / 0 bytes, in 0 packets / 0 bytes",

@@ -83,6 +83,8 @@ def test_counters_are_summed_over_cpus_and_mapped(config: Config) -> None:
     assert v("natd_connections_established_total") == packets(Stat.CT_ESTABLISHED)
     assert v("natd_port_allocation_errors_total") == packets(Stat.DROP_PORT_EXHAUSTED)
     assert v("natd_conntrack_create_races_total") == packets(Stat.CT_CREATE_RACE)
+    assert v("natd_icmp_errors_translated_total", {"direction": "in"}) == packets(Stat.ICMP_ERROR_IN)
+    assert v("natd_icmp_errors_translated_total", {"direction": "out"}) == packets(Stat.ICMP_ERROR_OUT)
     assert v("natd_stats_read_success") == 1.0
     for stat in Stat:
         name = stat.name.split("_", 1)[1].lower()
@@ -239,7 +241,8 @@ def test_describe_matches_collect_and_has_no_samples(config: Config) -> None:
         "natd_idle_timeouts", "natd_conntrack_reaped", "natd_conntrack_orphan_replies_deleted",
         "natd_reaper_last_duration_seconds", "natd_reaper_last_success_timestamp_seconds",
         "natd_stats_read_success", "natd_connection_attempts", "natd_connections_established",
-        "natd_port_allocation_errors", "natd_conntrack_create_races", "natd_packets", "natd_bytes",
+        "natd_port_allocation_errors", "natd_conntrack_create_races", "natd_icmp_errors_translated",
+        "natd_packets", "natd_bytes",
         "natd_packets_dropped", "natd_packets_passed", "natd_xdp_verdicts",
     ]  # counter families are named without _total; their samples carry it
 

@@ -1,0 +1,188 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* ICMP error translation (RFC 5508 REQ-3/4/5, RFC 5382 REQ-9): Destination Unreachable (incl.
+ * Fragmentation Needed), Time Exceeded and Parameter Problem quote the packet they are about. For a
+ * mapped flow, the outer address and the quoted header (address, port or echo identifier, and the
+ * quoted IP and L4 checksums) are translated, and the ICMP checksum follows every change. Errors never
+ * refresh or delete a conntrack entry; errors about no mapping are dropped (never leaked untranslated).
+ * This is what makes traceroute and PMTU discovery work through the NAT. */
+#ifndef NATD_ICMP_ERROR_H
+#define NATD_ICMP_ERROR_H
+
+#include "parsing.h"
+#include "csum.h"
+#include "maps.h"
+#include "stats.h"
+#include "fib.h"
+
+static __always_inline int icmp_is_error(__u8 type)
+{
+	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
+}
+
+/* The quoted packet inside an ICMP error: its IP header (no options) and the first 8 bytes of L4. */
+struct quoted_pkt {
+	struct iphdr *ip;
+	__u16 *sport;          /* quoted source port / echo identifier */
+	__u16 *dport;          /* quoted destination port / echo identifier */
+	__u16 *csum;           /* quoted L4 checksum; valid only when has_csum */
+	__u8 has_csum;         /* TCP's checksum sits at byte 16: present only if the router quoted it */
+	__u8 pseudo;
+	__u8 udp;
+};
+
+/* 0 = parsed, -1 = malformed (truncated / not IPv4), 1 = nothing natd can translate. */
+static __always_inline int parse_quoted(struct hdr_cursor *c, struct quoted_pkt *q, __u8 echo_type)
+{
+	struct iphdr *ip = c->pos;
+	void *l4;
+
+	if ((void *)(ip + 1) > c->end || (void *)(ip + 1) > c->limit)
+		return -1;
+	if (ip->version != 4 || ip->ihl != 5)
+		return -1;
+	/* a quoted non-first fragment has no ports to translate */
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return 1;
+	l4 = (void *)(ip + 1);
+	if (l4 + 8 > c->end || l4 + 8 > c->limit)
+		return -1;
+	q->ip = ip;
+	q->has_csum = 0;
+	q->pseudo = 1;
+	q->udp = 0;
+	if (ip->protocol == IPPROTO_TCP) {
+		q->sport = l4;
+		q->dport = l4 + 2;
+		q->csum = l4 + 2;
+		if (l4 + 18 <= c->end && l4 + 18 <= c->limit) {
+			q->csum = l4 + 16;
+			q->has_csum = 1;
+		}
+		return 0;
+	}
+	if (ip->protocol == IPPROTO_UDP) {
+		q->sport = l4;
+		q->dport = l4 + 2;
+		q->csum = l4 + 6;
+		q->has_csum = 1;
+		q->udp = 1;
+		return 0;
+	}
+	if (ip->protocol == IPPROTO_ICMP) {
+		struct icmphdr *ic = l4;
+
+		if (ic->type != echo_type || ic->code != 0)
+			return 1;
+		q->sport = &ic->un.echo.id;
+		q->dport = &ic->un.echo.id;
+		q->csum = &ic->checksum;
+		q->has_csum = 1;
+		q->pseudo = 0;
+		return 0;
+	}
+	return 1;
+}
+
+/* Rewrites one endpoint of the quoted packet (its address *q_addr and port *q_port) to addr/port and
+ * the outer address *outer_addr to addr, keeping the quoted L4, quoted IP, ICMP and outer IP checksums
+ * right. The quoted L4 checksum's own change is folded into the ICMP checksum like any other word. */
+static __always_inline void icmp_error_rewrite(struct iphdr *outer, __be32 *outer_addr, struct icmphdr *icmp,
+					       struct quoted_pkt *q, __be32 *q_addr, __u16 *q_port,
+					       __be32 addr, __be16 port)
+{
+	__u16 old;
+
+	if (q->has_csum && !(q->udp && *q->csum == 0)) {
+		old = *q->csum;
+		if (q->pseudo)
+			nat_csum_replace4(q->csum, *q_addr, addr);
+		nat_csum_replace2(q->csum, *q_port, port);
+		if (q->udp && *q->csum == 0)
+			*q->csum = 0xffff;
+		nat_csum_replace2(&icmp->checksum, old, *q->csum);
+	}
+	nat_csum_replace2(&icmp->checksum, *q_port, port);
+	*q_port = port;
+	old = q->ip->check;
+	nat_csum_replace4(&q->ip->check, *q_addr, addr);
+	nat_csum_replace2(&icmp->checksum, old, q->ip->check);
+	nat_csum_replace4(&icmp->checksum, *q_addr, addr);
+	*q_addr = addr;
+	nat_csum_replace4(&outer->check, *outer_addr, addr);
+	*outer_addr = addr;
+}
+
+/* An error from the internet about a packet natd sent out: the quoted packet is (external -> remote),
+ * so its reply key finds the flow; the error goes to the inside host, quoting what that host sent. */
+static __always_inline int icmp_error_in(struct xdp_md *ctx, struct hdr_cursor *c, struct ethhdr *eth,
+					 struct iphdr *ip, struct icmphdr *icmp, const struct ext_addr_info *ext)
+{
+	struct bpf_fib_lookup fib;
+	struct ct_reply_value *rv;
+	struct quoted_pkt q = {};
+	struct ct_key rk = {};
+	__u16 port;
+	int rc;
+
+	rc = parse_quoted(c, &q, ICMP_ECHO);
+	if (rc < 0)
+		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
+	if (rc > 0)
+		return verdict(ctx, XDP_PASS, STAT_PASS_ICMP_OTHER);
+	rk.saddr = q.ip->daddr;
+	rk.daddr = q.ip->saddr;
+	rk.sport = q.ip->protocol == IPPROTO_ICMP ? 0 : *q.dport;
+	rk.dport = *q.sport;
+	rk.proto = q.ip->protocol;
+	rv = q.ip->saddr == ip->daddr ? ct_reply.lookup(&rk) : NULL;
+	if (!rv || !ct_orig.lookup(&rv->orig)) {
+		/* about the gateway's own traffic (outside the NAT ports): the kernel's business */
+		port = bpf_ntohs(*q.sport);
+		if (q.ip->protocol != IPPROTO_ICMP && (port < ext->port_min || port > ext->port_max))
+			return verdict(ctx, XDP_PASS, STAT_PASS_ICMP_OTHER);
+		return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
+	}
+	if (ip->ttl <= 1)
+		return verdict(ctx, XDP_PASS, STAT_PASS_TTL);
+	icmp_error_rewrite(ip, &ip->daddr, icmp, &q, &q.ip->saddr, q.sport, rv->orig.saddr, rv->orig.sport);
+	stat_count(STAT_ICMP_ERROR_IN, ctx->data_end - ctx->data);
+	rc = fib_lookup_v4(ctx, &fib, ip, ip->saddr, ip->daddr, bpf_ntohs(ip->tot_len));
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		return count_action(ctx, fib_redirect(eth, ip, &fib));
+	return verdict(ctx, XDP_PASS, rc == BPF_FIB_LKUP_RET_NO_NEIGH ? STAT_PASS_NO_NEIGH : STAT_PASS_FIB_OTHER);
+}
+
+/* An error from an inside host about a packet it received through the NAT: the quoted packet is
+ * (remote -> inside host), so the original key finds the flow; the error leaves quoting what the remote
+ * sent. fib is the lookup xdp_inside already made (outbound, SUCCESS or NO_NEIGH). */
+static __always_inline int icmp_error_out(struct xdp_md *ctx, struct hdr_cursor *c, struct ethhdr *eth,
+					  struct iphdr *ip, struct icmphdr *icmp, struct bpf_fib_lookup *fib,
+					  int fib_rc)
+{
+	struct quoted_pkt q = {};
+	struct ct_key key = {};
+	struct ct_entry *e;
+	int rc;
+
+	/* quoted ICMP would be an echo the host received: natd maps no inbound echo, so none */
+	rc = parse_quoted(c, &q, 0xff);
+	if (rc < 0)
+		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
+	if (rc > 0)
+		return verdict(ctx, XDP_DROP, STAT_DROP_UNSUPPORTED);
+	key.saddr = q.ip->daddr;
+	key.daddr = q.ip->saddr;
+	key.sport = *q.dport;
+	key.dport = *q.sport;
+	key.proto = q.ip->protocol;
+	e = q.ip->daddr == ip->saddr ? ct_orig.lookup(&key) : NULL;
+	if (!e)
+		return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
+	icmp_error_rewrite(ip, &ip->saddr, icmp, &q, &q.ip->daddr, q.dport, e->nat_addr, e->nat_port);
+	stat_count(STAT_ICMP_ERROR_OUT, ctx->data_end - ctx->data);
+	if (fib_rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return verdict(ctx, XDP_PASS, STAT_PASS_NO_NEIGH);
+	return count_action(ctx, fib_redirect(eth, ip, fib));
+}
+
+#endif /* NATD_ICMP_ERROR_H */
