@@ -25,7 +25,9 @@ int xdp_inside(struct xdp_md *ctx)
 	struct hdr_cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
 	__u64 bytes = ctx->data_end - ctx->data;
 	struct bpf_fib_lookup fib;
+	struct snat_rule static_rule = {};
 	struct snat_rule *rule;
+	__be32 *static_ext;
 	struct l4_fields f = {};
 	struct ct_entry *e;
 	struct ct_key key = {};
@@ -67,9 +69,6 @@ int xdp_inside(struct xdp_md *ctx)
 	if (!outbound)
 		return verdict(ctx, XDP_PASS, STAT_PASS_INSIDE_ROUTE);
 
-	rule = snat_rule_for(ip->saddr);
-	if (!rule)
-		return verdict(ctx, XDP_DROP, STAT_DROP_SPOOFED_INSIDE);
 	if (ip_is_fragment(ip) || ip->ihl != 5)
 		return verdict(ctx, XDP_DROP, STAT_DROP_UNSUPPORTED);
 	l4 = parse_l4_fields(&c, ip, &f, ICMP_ECHO);
@@ -92,8 +91,21 @@ int xdp_inside(struct xdp_md *ctx)
 		/* A RST for a flow natd does not know has nothing to close. */
 		if (f.tcp && f.tcp->rst)
 			return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
-		if (snat_pick_addr(rule, ip->saddr, &ext) < 0)
-			return verdict(ctx, XDP_DROP, STAT_DROP_PORT_EXHAUSTED);
+		static_ext = static_out.lookup(&ip->saddr);
+		if (static_ext) {
+			/* static 1:1 NAT keeps the port: a one-port "range" */
+			static_rule.rule_id = NATD_RULE_STATIC;
+			static_rule.port_min = bpf_ntohs(key.sport);
+			static_rule.port_max = static_rule.port_min;
+			rule = &static_rule;
+			ext = *static_ext;
+		} else {
+			rule = snat_rule_for(ip->saddr);
+			if (!rule)
+				return verdict(ctx, XDP_DROP, STAT_DROP_SPOOFED_INSIDE);
+			if (snat_pick_addr(rule, ip->saddr, &ext) < 0)
+				return verdict(ctx, XDP_DROP, STAT_DROP_PORT_EXHAUSTED);
+		}
 		if (snat_create(&key, rule, ext, ct_initial_state(f.tcp), &reason) < 0)
 			return verdict(ctx, XDP_DROP, reason);
 		e = ct_orig.lookup(&key);
@@ -123,6 +135,9 @@ int xdp_outside(struct xdp_md *ctx)
 	struct ct_entry *e;
 	struct ethhdr *eth;
 	struct iphdr *ip;
+	__u32 rule_id, reason = 0;
+	__be16 inside_port;
+	__be32 inside;
 	__u16 port;
 	int fib_rc, l4;
 
@@ -160,6 +175,18 @@ int xdp_outside(struct xdp_md *ctx)
 	rk.proto = ip->protocol;
 	rv = ct_reply.lookup(&rk);
 	e = rv ? ct_orig.lookup(&rv->orig) : NULL;
+	/* A new flow from the internet: only through a port forward or a static mapping, and for TCP only
+	 * with a SYN (a stray segment must not open state). */
+	if (!e && inbound_target(&rk, &inside, &inside_port, &rule_id) == 0) {
+		if (f.tcp && !(f.tcp->syn && !f.tcp->ack))
+			return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
+		if (inbound_create(&rk, inside, inside_port, ct_initial_state(f.tcp), rule_id, &reason) < 0)
+			return verdict(ctx, XDP_DROP, reason);
+		rv = ct_reply.lookup(&rk);
+		e = rv ? ct_orig.lookup(&rv->orig) : NULL;
+		if (!e)
+			return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
+	}
 	if (!e) {
 		/* Echo replies for the gateway's own pings carry any identifier: the kernel's. */
 		port = bpf_ntohs(*f.dport);

@@ -35,32 +35,41 @@ from pydantic import (
     GetJsonSchemaHandler,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError, core_schema
 
 from natd.errors import ConfigError
 
+# Capacities of the datapath maps (NATD_MAX_* in ebpf/lib/abi.h) and protocol numbers: one source.
+from natd.maps import (
+    MAX_FORWARDS,
+    MAX_IFACES,
+    MAX_POOL,
+    MAX_RULES,
+    MAX_STATIC,
+    PROTO_ICMP,
+    PROTO_TCP,
+    PROTO_UDP,
+)
+
 __all__ = [
     "RESTART_KEYS",
     "Config",
     "ConntrackConfig",
+    "ForwardRule",
     "LogConfig",
     "MetricsConfig",
     "PortRange",
     "SnatRule",
     "StateConfig",
+    "StaticRule",
     "Timeouts",
     "load_config",
     "parse_config",
 ]
 
-# Capacities of the datapath maps; mirror NATD_MAX_* in ebpf/lib/abi.h.
-MAX_RULES = 1024  # NATD_MAX_RULES: snat rules (LPM entries)
-MAX_POOL = 256  # NATD_MAX_POOL: distinct external addresses over all rules
-MAX_IFACES = 64  # NATD_MAX_IFACES: inside interfaces + the outside one
-
-PROTO_ICMP, PROTO_TCP, PROTO_UDP = 1, 6, 17
 
 # Keys a SIGHUP reload cannot change: they name pinned state, attached programs or sized maps.
 RESTART_KEYS = ("instance", "inside", "outside", "conntrack.max", "state.pin_root")
@@ -374,6 +383,64 @@ class SnatRule(_Section):
     ports: PortRange = PortRange(1024, 32767)
 
 
+def _proto(value: Any) -> str:
+    if value in ("tcp", "udp"):
+        return str(value)
+    _fail(f"{_show(value)} is not a protocol a port forward can use; expected tcp or udp")
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        _fail(f"{_show(value)} is not a port; expected an integer 1-65535")
+    return value
+
+
+def _host_port(value: Any) -> tuple[ipaddress.IPv4Address, int | None]:
+    expected = "expected ADDRESS or ADDRESS:PORT such as 10.0.2.80:8443"
+    if not isinstance(value, str):
+        _fail(f"{_show(value)} is not an inside endpoint; {expected}")
+    host, sep, port = value.partition(":")
+    try:
+        addr = ipaddress.IPv4Address(host)
+    except ValueError:
+        _fail(f"{_show(value)} is not an inside endpoint; {expected}")
+    if not sep:
+        return addr, None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        _fail(f"{_show(value)} has no valid port after ':'; {expected} (ports 1-65535)")
+    return addr, int(port)
+
+
+class ForwardRule(_Section):
+    """A port forward (DNAT): new connections to ``address``:``port`` go to ``to`` (RFC 5382 inbound)."""
+
+    proto: Annotated[str, BeforeValidator(_proto)]
+    port: Annotated[int, BeforeValidator(_port)]
+    to: Annotated[tuple[ipaddress.IPv4Address, int | None], BeforeValidator(_host_port)]
+    address: Annotated[ipaddress.IPv4Address | None, BeforeValidator(
+        lambda v: None if v is None else _external_address(v))] = None  # None: the outside address
+
+    @property
+    def inside_addr(self) -> ipaddress.IPv4Address:
+        return self.to[0]
+
+    @property
+    def inside_port(self) -> int:
+        return self.to[1] if self.to[1] is not None else self.port
+
+    @field_serializer("to")
+    def _dump_to(self, to: tuple[ipaddress.IPv4Address, int | None]) -> str:
+        return f"{to[0]}:{to[1]}" if to[1] is not None else str(to[0])
+
+
+class StaticRule(_Section):
+    """Static 1:1 NAT: ``inside`` always appears as ``outside`` (ports kept), and every new inbound
+    connection to ``outside`` reaches ``inside`` (like an Elastic IP on an Internet Gateway)."""
+
+    inside: Annotated[ipaddress.IPv4Address, BeforeValidator(_external_address)]
+    outside: Annotated[ipaddress.IPv4Address, BeforeValidator(_external_address)]
+
+
 class Timeouts(_Section):
     """Conntrack idle timeouts in seconds, per protocol and TCP state."""
 
@@ -484,6 +551,14 @@ class Config(_Section):
         list[SnatRule],
         BeforeValidator(_list_of("snat rules", "[{from: 10.0.0.0/8}]", nonempty=True)),
     ]
+    forward: Annotated[
+        list[ForwardRule],
+        BeforeValidator(_list_of("port forwards", "[{proto: tcp, port: 443, to: 10.0.2.80:8443}]")),
+    ] = []
+    static: Annotated[
+        list[StaticRule],
+        BeforeValidator(_list_of("static mappings", "[{inside: 10.0.3.5, outside: 203.0.113.10}]")),
+    ] = []
     conntrack: ConntrackConfig = ConntrackConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
@@ -505,8 +580,53 @@ class Config(_Section):
             problems.append((("snat",), f"{len(pool)} distinct external addresses; "
                                         f"expected at most {MAX_POOL}"))
         problems += self._network_problems() + self._shared_address_problems()
+        problems += self._forward_problems() + self._static_problems()
         _fail_all(problems)
         return self
+
+    def _forward_problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        seen: dict[tuple[str, str, int], int] = {}
+        if len(self.forward) > MAX_FORWARDS:
+            problems.append((("forward",), f"{len(self.forward)} port forwards; expected at most "
+                                           f"{MAX_FORWARDS}"))
+        statics = {s.outside: i for i, s in enumerate(self.static)}
+        for i, fwd in enumerate(self.forward):
+            key = (str(fwd.address or "outside"), fwd.proto, fwd.port)
+            if key in seen:
+                problems.append((("forward", i, "port"), f"{fwd.proto} port {fwd.port} on "
+                                 f"{fwd.address or 'the outside address'} is already forwarded by "
+                                 f"forward[{seen[key]}]"))
+            seen.setdefault(key, i)
+            if fwd.address is not None and fwd.address in statics:
+                problems.append((("forward", i, "address"), f"{fwd.address} is static[{statics[fwd.address]}]"
+                                 ".outside, which already sends every port to its inside host"))
+        return problems
+
+    def _static_problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if len(self.static) > MAX_STATIC:
+            problems.append((("static",), f"{len(self.static)} static mappings; expected at most "
+                                          f"{MAX_STATIC}"))
+        pool = {addr for rule in self.snat for addr in rule.to}
+        inside: dict[ipaddress.IPv4Address, int] = {}
+        outside: dict[ipaddress.IPv4Address, int] = {}
+        for i, rule in enumerate(self.static):
+            if rule.inside in inside:
+                problems.append((("static", i, "inside"), f"{rule.inside} already has "
+                                 f"static[{inside[rule.inside]}]; one external address per inside host"))
+            if rule.outside in outside:
+                problems.append((("static", i, "outside"), f"{rule.outside} is already the outside address "
+                                 f"of static[{outside[rule.outside]}]; a static address belongs to one host"))
+            if rule.outside in pool:
+                problems.append((("static", i, "outside"), f"{rule.outside} is also in an snat 'to' pool; a "
+                                 "static address must belong to its inside host alone"))
+            if any(rule.outside in r.from_ for r in self.snat):
+                problems.append((("static", i, "outside"), f"{rule.outside} is on a translated (snat from) "
+                                 "network; an external address cannot be"))
+            inside.setdefault(rule.inside, i)
+            outside.setdefault(rule.outside, i)
+        return problems
 
     def _network_problems(self) -> list[Problem]:
         problems: list[Problem] = []

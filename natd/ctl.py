@@ -27,7 +27,7 @@ from typing import Any, TextIO
 from natd import __version__
 from natd.config import Config, Timeouts, load_config
 from natd.errors import NatdError, StateError
-from natd.fmt import TimeoutPolicy, flow_json, format_flow, ip_str, seconds_left
+from natd.fmt import TimeoutPolicy, flow_json, flow_tuples, format_flow, ip_str, seconds_left
 from natd.maps import LAYOUT_VERSION, PROTO_NAMES, PROTO_NUMBERS, PROTO_TCP, CtEntry, CtKey, CtState, Stat
 from natd.metrics import read_port_ranges
 from natd.tables import Flow, PinnedTables, StatTotals, Tables, pin_dir, sum_stats
@@ -195,14 +195,14 @@ class FlowFilter:
             return False
         if self.state is not None and (key.proto != PROTO_TCP or entry.state != self.state):
             return False
-        if self.sport is not None and key.sport != _be16(self.sport):
+        (osrc, odst, osport, odport), (_, rdst, _, rdport) = flow_tuples(key, entry)
+        if self.sport is not None and osport != _be16(self.sport):
             return False
-        if self.dport is not None and key.dport != _be16(self.dport):
+        if self.dport is not None and odport != _be16(self.dport):
             return False
-        if self.reply_port_dst is not None and entry.nat_port != _be16(self.reply_port_dst):
+        if self.reply_port_dst is not None and rdport != _be16(self.reply_port_dst):
             return False
-        return (_in_net(key.saddr, self.orig_src) and _in_net(key.daddr, self.orig_dst)
-                and _in_net(entry.nat_addr, self.reply_dst))
+        return _in_net(osrc, self.orig_src) and _in_net(odst, self.orig_dst) and _in_net(rdst, self.reply_dst)
 
     def select(self, flows: Sequence[Flow]) -> Sequence[Flow]:
         if not self.active:

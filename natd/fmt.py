@@ -92,16 +92,31 @@ def _tuple_text(proto: int, saddr: int, daddr: int, sport: int, dport: int, icmp
     return f"src={ip_str(saddr)} dst={ip_str(daddr)} sport={port_host(sport)} dport={port_host(dport)}"
 
 
+Tuple = tuple[int, int, int, int]  # saddr, daddr, sport, dport as stored (be32 / be16)
+
+
+def flow_tuples(key: CtKey, entry: CtEntry) -> tuple[Tuple, Tuple]:
+    """(original, reply) tuples as conntrack names them: the original is the initiator's view. For an
+    outbound flow that is the inside host's (ct_orig key) and the reply is the ct_reply key (remote ->
+    external address/port). A flow opened from the internet (port forward, static NAT) is the other way
+    round: remote -> external address/port first, then inside host -> remote."""
+    reply_sport = 0 if key.proto == PROTO_ICMP else key.dport
+    outside: Tuple = (key.daddr, entry.nat_addr, reply_sport, entry.nat_port)
+    inside: Tuple = (key.saddr, key.daddr, key.sport, key.dport)
+    if entry.flags & CtFlags.INBOUND:
+        return (key.daddr, entry.nat_addr, key.dport, entry.nat_port), inside
+    return inside, outside
+
+
 def format_flow(key: CtKey, entry: CtEntry, timeout: int) -> str:
     """One ``conntrack -L`` line; ``timeout`` is the seconds-left column (see :func:`seconds_left`)."""
     proto = key.proto
     head = f"{PROTO_NAMES.get(proto, 'unknown'):<8} {proto} {timeout} "
     if proto == PROTO_TCP:
         head += f"{tcp_state_name(entry.state)} "
-    # The reply tuple is the ct_reply key (natd.maps.reply_key_for): remote -> external address/port.
-    reply_sport = 0 if proto == PROTO_ICMP else key.dport
-    orig = _tuple_text(proto, key.saddr, key.daddr, key.sport, key.dport, ICMP_ECHO)
-    reply = _tuple_text(proto, key.daddr, entry.nat_addr, reply_sport, entry.nat_port, ICMP_ECHOREPLY)
+    o, r = flow_tuples(key, entry)
+    orig = _tuple_text(proto, *o, ICMP_ECHO)
+    reply = _tuple_text(proto, *r, ICMP_ECHOREPLY)
     unreplied = "" if entry.flags & _REPLIED else "[UNREPLIED] "
     assured = "[ASSURED] " if entry.flags & _ASSURED else ""
     return f"{head}{orig} {unreplied}{reply} {assured}mark=0 use=1"
@@ -125,14 +140,15 @@ def flow_json(key: CtKey, entry: CtEntry, timeout: int, now_ns: int) -> dict[str
     assured, age (seconds since the flow was created, ms resolution), rule_id.
     """
     proto = key.proto
-    reply_sport = 0 if proto == PROTO_ICMP else key.dport
+    o, r = flow_tuples(key, entry)
     return {
         "proto": PROTO_NAMES.get(proto, "unknown"),
         "proto_number": proto,
         "state": tcp_state_name(entry.state) if proto == PROTO_TCP else None,
         "timeout": timeout,
-        "orig": _tuple_json(proto, key.saddr, key.daddr, key.sport, key.dport, ICMP_ECHO),
-        "reply": _tuple_json(proto, key.daddr, entry.nat_addr, reply_sport, entry.nat_port, ICMP_ECHOREPLY),
+        "orig": _tuple_json(proto, *o, ICMP_ECHO),
+        "reply": _tuple_json(proto, *r, ICMP_ECHOREPLY),
+        "inbound": bool(entry.flags & CtFlags.INBOUND),
         "external": {"addr": ip_str(entry.nat_addr), "port": port_host(entry.nat_port)},
         "packets": {"orig": entry.packets_orig, "reply": entry.packets_reply},
         "bytes": {"orig": entry.bytes_orig, "reply": entry.bytes_reply},

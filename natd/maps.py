@@ -12,10 +12,16 @@ import ipaddress
 import socket
 import struct
 
-LAYOUT_VERSION = 2
+import numpy as np
+
+LAYOUT_VERSION = 3
 MAX_POOL = 256
 MAX_RULES = 1024
 MAX_IFACES = 64
+MAX_FORWARDS = 4096
+MAX_STATIC = 1024
+RULE_STATIC = 0xFFFFFFFE  # rule_id of flows made by a static 1:1 mapping
+RULE_FORWARD = 0xFFFFFFFF  # rule_id of flows opened through a port forward
 
 PROTO_ICMP = socket.IPPROTO_ICMP
 PROTO_TCP = socket.IPPROTO_TCP
@@ -58,6 +64,7 @@ class CtFlags(enum.IntFlag):
     ASSURED = 1 << 1
     FIN_ORIG = 1 << 2
     FIN_REPLY = 1 << 3
+    INBOUND = 1 << 4
 
 
 class Stat(enum.IntEnum):
@@ -92,6 +99,7 @@ class Stat(enum.IntEnum):
     CT_CREATE_RACE = 26
     ICMP_ERROR_IN = 27
     ICMP_ERROR_OUT = 28
+    CT_NEW_INBOUND = 29
 
 
 STAT_MAX = len(Stat)
@@ -178,6 +186,27 @@ class CtReplyValue(_Struct):
     _fields_ = [("orig", CtKey)]
 
 
+# numpy mirrors of the conntrack structs, for whole-table reads (natd.tables.FlowTable): same field names,
+# native byte order like ctypes; tests/unit/test_reaper.py checks itemsize and offsets against the ctypes
+# structs above (which test_abi.py checks against abi.h).
+CT_KEY_DTYPE = np.dtype({
+    "names": ["saddr", "daddr", "sport", "dport", "proto", "pad"],
+    "formats": [np.uint32, np.uint32, np.uint16, np.uint16, np.uint8, (np.uint8, (3,))],
+    "offsets": [0, 4, 8, 10, 12, 13],
+    "itemsize": 16,
+})
+CT_ENTRY_DTYPE = np.dtype({
+    "names": ["created_ns", "last_seen_ns", "packets_orig", "bytes_orig", "packets_reply", "bytes_reply",
+              "nat_addr", "nat_port", "state", "flags", "rule_id", "pad"],
+    "formats": [np.uint64, np.uint64, np.uint64, np.uint64, np.uint64, np.uint64,
+                np.uint32, np.uint16, np.uint8, np.uint8, np.uint32, np.uint32],
+    "offsets": [0, 8, 16, 24, 32, 40, 48, 52, 54, 55, 56, 60],
+    "itemsize": 64,
+})
+CT_REPLY_VALUE_DTYPE = np.dtype({"names": ["orig"], "formats": [CT_KEY_DTYPE], "offsets": [0],
+                                 "itemsize": 16})
+
+
 class LpmV4Key(_Struct):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
 
@@ -194,6 +223,15 @@ class SnatRuleValue(_Struct):
 
 class ExtAddrInfo(_Struct):
     _fields_ = [("port_min", ctypes.c_uint16), ("port_max", ctypes.c_uint16), ("pad", ctypes.c_uint32)]
+
+
+class DnatKey(_Struct):
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8)]
+
+
+class DnatTarget(_Struct):
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
 class StatCounter(_Struct):
@@ -223,5 +261,8 @@ MAP_TYPES: dict[str, tuple[type[_Struct] | None, type[_Struct] | None]] = {
     "snat_pool": (None, None),        # u32 index -> be32 address
     "ext_addrs": (None, ExtAddrInfo),  # be32 address -> info
     "outside_ifaces": (None, None),   # u32 ifindex -> u32
+    "dnat_rules": (DnatKey, DnatTarget),
+    "static_out": (None, None),       # be32 inside -> be32 outside
+    "static_in": (None, None),        # be32 outside -> be32 inside
     "stats": (None, StatCounter),     # per-CPU, u32 index -> counter
 }

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from natd.config import Config
 from natd.errors import ConfigError
-from natd.maps import MAX_POOL, MAX_RULES
+from natd.maps import MAX_POOL, MAX_RULES, PROTO_NUMBERS
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,29 @@ class SnatEntry:
 
 
 @dataclass(frozen=True)
+class ForwardEntry:
+    address: ipaddress.IPv4Address
+    port: int
+    proto: int
+    inside_addr: ipaddress.IPv4Address
+    inside_port: int
+
+
+# ext_addrs range of an address that has port forwards but no NAT ports: empty (lo > hi), so unsolicited
+# traffic to its other ports goes to the kernel like any traffic for the gateway itself.
+NO_NAT_PORTS = (1, 0)
+# a static 1:1 address belongs to its inside host entirely
+ALL_PORTS = (1, 65535)
+
+
+@dataclass(frozen=True)
 class RuleSet:
     snat: tuple[SnatEntry, ...]
     pool: tuple[ipaddress.IPv4Address, ...]
     ext_addrs: dict[ipaddress.IPv4Address, tuple[int, int]] = field(default_factory=dict)
     outside_ifindexes: frozenset[int] = frozenset()
+    forwards: tuple[ForwardEntry, ...] = ()
+    statics: tuple[tuple[ipaddress.IPv4Address, ipaddress.IPv4Address], ...] = ()  # (inside, outside)
 
 
 def build_ruleset(config: Config, outside_addr: ipaddress.IPv4Address | None,
@@ -59,12 +77,31 @@ def build_ruleset(config: Config, outside_addr: ipaddress.IPv4Address | None,
                     f"{rule.ports}; rules sharing an external address must use the same port range",
                     key=f"snat[{rule_id}].ports")
             ext[addr] = (rule.ports.lo, rule.ports.hi)
+    forwards = []
+    for i, fwd in enumerate(config.forward):
+        fwd_addr = fwd.address or outside_addr
+        if fwd_addr is None:
+            raise ConfigError(f"forward[{i}] has no 'address' and the outside interface {config.outside} has "
+                              f"no IPv4 address; add one to {config.outside} or give the forward 'address'",
+                              key=f"forward[{i}].address")
+        forwards.append(ForwardEntry(fwd_addr, fwd.port, PROTO_NUMBERS[fwd.proto], fwd.inside_addr,
+                                     fwd.inside_port))
+        ext.setdefault(fwd_addr, NO_NAT_PORTS)
+    statics = []
+    for i, st in enumerate(config.static):
+        if st.outside in ext:
+            raise ConfigError(f"static[{i}].outside {st.outside} is also used by snat or a port forward "
+                              f"(the outside interface's address?); a static address must belong to one "
+                              f"inside host alone", key=f"static[{i}].outside")
+        ext[st.outside] = ALL_PORTS
+        statics.append((st.inside, st.outside))
     if len(pool) > MAX_POOL:
         raise ConfigError(f"{len(pool)} external addresses over all rules; at most {MAX_POOL} are supported",
                           key="snat")
     if len(snat) > MAX_RULES:
         raise ConfigError(f"{len(snat)} snat rules; at most {MAX_RULES} are supported", key="snat")
-    return RuleSet(tuple(snat), tuple(pool), ext, frozenset(outside_ifindexes))
+    return RuleSet(tuple(snat), tuple(pool), ext, frozenset(outside_ifindexes), tuple(forwards),
+                   tuple(statics))
 
 
 def check_local_port_range(ruleset: RuleSet, local_range: tuple[int, int],

@@ -11,11 +11,17 @@
 
 #include <linux/types.h>
 
-#define NATD_LAYOUT_VERSION 2
+#define NATD_LAYOUT_VERSION 3
 
 #define NATD_MAX_POOL 256      /* external addresses over all rules */
 #define NATD_MAX_RULES 1024    /* snat rules (LPM entries) */
 #define NATD_MAX_IFACES 64
+#define NATD_MAX_FORWARDS 4096 /* port forwards */
+#define NATD_MAX_STATIC 1024   /* static 1:1 mappings */
+
+/* rule_id of flows not created by an snat rule */
+#define NATD_RULE_STATIC 0xfffffffeu
+#define NATD_RULE_FORWARD 0xffffffffu
 
 /* A flow as one side sees it. The original key (dir "orig") is the inside host's view:
  * saddr/sport = private endpoint, daddr/dport = remote endpoint. The reply key is the internet's
@@ -47,12 +53,15 @@ enum ct_state {
 enum ct_flags {
 	CT_F_REPLIED = 1 << 0,    /* a packet was seen in the reply direction */
 	CT_F_ASSURED = 1 << 1,    /* TCP reached ESTABLISHED / UDP saw a reply */
-	CT_F_FIN_ORIG = 1 << 2,   /* the inside host sent FIN */
-	CT_F_FIN_REPLY = 1 << 3,  /* the remote sent FIN */
+	CT_F_FIN_ORIG = 1 << 2,   /* the initiator sent FIN */
+	CT_F_FIN_REPLY = 1 << 3,  /* the responder sent FIN */
+	CT_F_INBOUND = 1 << 4,    /* opened from the internet (port forward / static 1:1): the remote is the
+				   * initiator, so "orig" counters and FIN_ORIG are the remote's */
 };
 
-/* Value of ct_orig: the conntrack entry. Timestamps are bpf_ktime_get_ns(), i.e. CLOCK_MONOTONIC,
- * the clock of Python's time.monotonic_ns(). */
+/* Value of ct_orig: the conntrack entry. Packets and bytes "orig" are the initiator's (the inside host,
+ * or the remote for CT_F_INBOUND flows), "reply" the responder's. Timestamps are bpf_ktime_get_ns(),
+ * i.e. CLOCK_MONOTONIC, the clock of Python's time.monotonic_ns(). */
 struct ct_entry {
 	__u64 created_ns;
 	__u64 last_seen_ns;
@@ -93,6 +102,20 @@ struct ext_addr_info {
 	__u16 port_min;
 	__u16 port_max;
 	__u32 pad;
+};
+
+/* Port forward (DNAT): external address/port/proto -> inside address/port. */
+struct dnat_key {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct dnat_target {
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
 };
 
 struct stat_counter {
@@ -136,6 +159,7 @@ enum natd_stat {
 	STAT_CT_CREATE_RACE,      /* another CPU created the same flow first */
 	STAT_ICMP_ERROR_IN,       /* ICMP error for a mapped flow, translated to the inside host */
 	STAT_ICMP_ERROR_OUT,      /* ICMP error from an inside host about a mapped flow, translated out */
+	STAT_CT_NEW_INBOUND,      /* flows opened from the internet through a port forward or static NAT */
 	STAT_MAX,
 };
 

@@ -13,6 +13,7 @@
 /* TCP state machine over both directions, with conntrack's state names (RFC 7857 §2, RFC 6146 §3.5.2).
  * Simultaneous open: a bare SYN from the remote while SYN_SENT also leads to SYN_RECV.
  * A RST closes the entry; the reaper then drops it after the short tcp_close timeout. */
+/* dir here is logical: CT_DIR_ORIG = from the initiator, CT_DIR_REPLY = from the responder. */
 static __always_inline void ct_tcp_update(struct ct_entry *e, const struct tcphdr *tcp, int dir)
 {
 	__u8 st = e->state;
@@ -51,9 +52,12 @@ static __always_inline void ct_tcp_update(struct ct_entry *e, const struct tcphd
 	}
 }
 
-/* Account one packet of a flow. tcp is NULL for UDP and ICMP. */
+/* Account one packet of a flow. tcp is NULL for UDP and ICMP. dir is physical: CT_DIR_ORIG = from the
+ * inside, CT_DIR_REPLY = from the internet; an inbound flow's initiator is the internet side. */
 static __always_inline void ct_update(struct ct_entry *e, const struct tcphdr *tcp, int dir, __u64 bytes)
 {
+	if (e->flags & CT_F_INBOUND)
+		dir = !dir;
 	e->last_seen_ns = bpf_ktime_get_ns();
 	if (dir == CT_DIR_REPLY) {
 		__sync_fetch_and_add(&e->packets_reply, 1);

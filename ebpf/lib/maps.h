@@ -26,6 +26,12 @@ BPF_TABLE_PINNED("lpm_trie", struct lpm_v4_key, struct snat_rule, snat_rules, NA
 BPF_TABLE_PINNED("array", __u32, __be32, snat_pool, NATD_MAX_POOL, NATD_PIN_DIR "/snat_pool");
 BPF_TABLE_PINNED("hash", __be32, struct ext_addr_info, ext_addrs, NATD_MAX_POOL,
 		 NATD_PIN_DIR "/ext_addrs");
+/* Port forwards, and static 1:1 NAT both ways (inside -> outside for new outbound flows, outside ->
+ * inside for new inbound ones). */
+BPF_TABLE_PINNED("hash", struct dnat_key, struct dnat_target, dnat_rules, NATD_MAX_FORWARDS,
+		 NATD_PIN_DIR "/dnat_rules");
+BPF_TABLE_PINNED("hash", __be32, __be32, static_out, NATD_MAX_STATIC, NATD_PIN_DIR "/static_out");
+BPF_TABLE_PINNED("hash", __be32, __be32, static_in, NATD_MAX_STATIC, NATD_PIN_DIR "/static_in");
 /* ifindex -> 1 for every outside interface: a FIB result through one of them means "leaves the NAT". */
 BPF_TABLE_PINNED("hash", __u32, __u32, outside_ifaces, NATD_MAX_IFACES, NATD_PIN_DIR "/outside_ifaces");
 BPF_TABLE_PINNED("percpu_array", __u32, struct stat_counter, stats, STAT_MAX, NATD_PIN_DIR "/stats");

@@ -121,7 +121,7 @@ def test_configerror_is_a_natd_error() -> None:
 
 # --- errors: exact line, key and message -----------------------------------------------------------------
 
-KNOWN_TOP = "instance, inside, outside, snat, conntrack, metrics, log, state"
+KNOWN_TOP = "instance, inside, outside, snat, forward, static, conntrack, metrics, log, state"
 
 ERROR_CASES = [
     pytest.param("""

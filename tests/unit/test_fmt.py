@@ -148,11 +148,26 @@ def test_flow_json_tcp() -> None:
         "proto": "tcp", "proto_number": 6, "state": "ESTABLISHED", "timeout": 7439,
         "orig": {"src": "10.0.1.42", "dst": "198.51.100.10", "sport": 40000, "dport": 80},
         "reply": {"src": "198.51.100.10", "dst": "203.0.113.1", "sport": 80, "dport": 20001},
+        "inbound": False,
         "external": {"addr": "203.0.113.1", "port": 20001},
         "packets": {"orig": 3, "reply": 2}, "bytes": {"orig": 300, "reply": 1400},
         "replied": True, "assured": True, "age": 5.001, "rule_id": 7,
     }
     json.dumps(got)  # JSON-ready
+
+
+def test_inbound_flow_prints_the_remote_as_the_original_side() -> None:
+    """A port-forwarded connection (conntrack prints DNAT the same way): original = remote -> external
+    address:port, reply = inside server -> remote."""
+    key = CtKey.make("10.0.2.80", "198.51.100.10", 8443, 40000, 6)
+    e = entry(443, state=CtState.ESTABLISHED, flags=BOTH | CtFlags.INBOUND)
+    line = format_flow(key, e, 7440)
+    assert ("src=198.51.100.10 dst=203.0.113.1 sport=40000 dport=443 "
+            "src=10.0.2.80 dst=198.51.100.10 sport=8443 dport=40000 [ASSURED]") in line
+    got = flow_json(key, e, 7440, 0)
+    assert got["orig"] == {"src": "198.51.100.10", "dst": "203.0.113.1", "sport": 40000, "dport": 443}
+    assert got["reply"] == {"src": "10.0.2.80", "dst": "198.51.100.10", "sport": 8443, "dport": 40000}
+    assert got["inbound"] is True
 
 
 def test_flow_json_icmp_and_udp() -> None:
