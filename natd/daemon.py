@@ -1,8 +1,11 @@
 """natd, the daemon: validate the config, load and attach the XDP program, fill the rule maps, then
-serve: reap expired flows, export metrics, reload on SIGHUP, speak sd_notify, detach on SIGTERM.
+serve: reap expired flows, export metrics, reload on SIGHUP, speak sd_notify.
 
-Pinned maps outlive the process, so a restart keeps every flow (the program is re-attached over the
-pinned state). `natd --detach` is the real uninstall: program off the interfaces, pins removed.
+Restarts are hitless: on SIGTERM the daemon exits but leaves the XDP program attached and its maps
+pinned, so established flows keep being translated while no daemon runs (only reaping and metrics
+pause), and the next start re-attaches over the same state. Detaching on exit would instead hand those
+flows' packets to the kernel, which answers them with RSTs. `natd --detach` is the real uninstall
+(program off the interfaces, pins removed); `--detach-on-exit` makes SIGTERM detach as well.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from natd import __version__
-from natd.config import Config, load_config
+from natd.config import Config, Timeouts, load_config
 from natd.errors import ConfigError, EnvironmentError_, NatdError
 from natd.loader import Datapath, check_pinned_layout, ensure_bpffs, remove_pins
 from natd.maps import LAYOUT_VERSION
@@ -32,7 +35,15 @@ from natd.tables import PinnedTables, pin_dir
 
 log = logging.getLogger("natd")
 
-REAP_INTERVAL_S = 5.0
+REAP_INTERVAL_MAX_S = 5.0
+REAP_INTERVAL_MIN_S = 0.5
+
+
+def reap_interval(timeouts: Timeouts) -> float:
+    """A quarter of the shortest timeout, within [0.5 s, 5 s]: a flow outlives its timeout by at most that
+    much, and tables with second-long test timeouts still get swept in time."""
+    shortest = min(int(v) for v in timeouts.model_dump().values())
+    return max(REAP_INTERVAL_MIN_S, min(REAP_INTERVAL_MAX_S, shortest / 4))
 
 
 def setup_logging(level: str) -> None:
@@ -67,6 +78,7 @@ class Daemon:
         self.reaper: ReaperThread | None = None
         self.reaper_status = ReaperStatus()
         self.metrics_server: object | None = None
+        self.ready = False
         self._stop = threading.Event()
         self._reload = threading.Event()
 
@@ -102,13 +114,15 @@ class Daemon:
         self.datapath.attach(cfg.outside, "xdp_outside")
         log.info("attached: inside %s, outside %s; %s pinned state in %s (%.1f s)", ",".join(cfg.inside),
                  cfg.outside, "reusing" if reused else "new", self.pin_dir, time.monotonic() - t0)
-        self.reaper = ReaperThread(self.tables, cfg.conntrack.timeouts, interval=REAP_INTERVAL_S,
+        self.reaper = ReaperThread(self.tables, cfg.conntrack.timeouts,
+                                   interval=reap_interval(cfg.conntrack.timeouts),
                                    clock=self.clock, on_sweep=self._on_sweep)
         self.reaper.start()
         if cfg.metrics.enabled:
             collector = NatdCollector(self.tables, cfg, self.reaper_status)
             self.metrics_server, _ = start_metrics_server(collector, cfg.metrics.host, cfg.metrics.port)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, cfg.metrics.port)
+        self.ready = True
         self.notifier.ready(f"translating: {len(rules.snat)} snat rules, "
                             f"{len(rules.pool)} external addresses")
 
@@ -162,7 +176,7 @@ class Daemon:
             if interval:
                 self.notifier.watchdog()
 
-    def stop(self, detach: bool = True) -> None:
+    def stop(self, detach: bool = False) -> None:
         self.notifier.stopping()
         if self.reaper is not None:
             self.reaper.stop()
@@ -175,6 +189,9 @@ class Daemon:
         if self.datapath is not None and detach:
             self.datapath.detach_all()
             log.info("detached; flows stay pinned in %s", self.pin_dir)
+        elif self.datapath is not None:
+            log.info("exiting; the XDP program stays attached and keeps translating (%s); "
+                     "'natd --detach' removes it", ", ".join(self.datapath.attached))
         if self.tables is not None:
             self.tables.close()
 
@@ -211,10 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
   natd --detach --config /etc/natd/natd.yaml   uninstall: detach the program, unpin maps (drops all flows)
   ip netns exec gw natd --config lab.yaml      run inside a gateway namespace
 signals: SIGHUP reloads the config (a bad one is rejected, the old one keeps running);
-         SIGTERM/SIGINT detach the program and exit (flows stay pinned for the next start).""")
+         SIGTERM/SIGINT end the daemon; the XDP program stays attached and keeps translating
+         (a restart is hitless); --detach-on-exit detaches it too, natd --detach uninstalls.""")
     parser.add_argument("--config", "-c", metavar="FILE", help="YAML config (see docs/config.md)")
     parser.add_argument("--check-config", metavar="FILE", help="validate FILE and exit")
     parser.add_argument("--detach", action="store_true", help="detach and remove pinned state, then exit")
+    parser.add_argument("--detach-on-exit", action="store_true",
+                        help="on SIGTERM/SIGINT also detach the program (established flows then break)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         help="overrides log.level of the config")
     parser.add_argument("--version", action="version", version=f"natd {__version__}")
@@ -263,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if daemon is not None:
-            daemon.stop()
+            # a start that failed half way takes back what it attached
+            daemon.stop(detach=args.detach_on_exit or not daemon.ready)
 
 
 if __name__ == "__main__":

@@ -112,10 +112,11 @@ class NatdInLab:
             return "(no log)"
 
     # -- life cycle -------------------------------------------------------------------------------
-    def start(self, timeout: float = 90.0, extra_args: list[str] | None = None) -> NatdInLab:
+    def start(self, timeout: float = 90.0, extra_args: list[str] | None = None,
+              env: dict[str, str] | None = None) -> NatdInLab:
         self._open_notify()
         log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path)}
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **(env or {})}
         self.proc = self.lab.popen(self.node, [_bin("natd"), "--config", str(self.config_path),
                                                *(extra_args or [])],
                                    stdout=log, stderr=subprocess.STDOUT, env=env)

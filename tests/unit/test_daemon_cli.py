@@ -53,3 +53,12 @@ def test_kernel_without_bpf_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     with pytest.raises(EnvironmentError_, match="no bpf\\(\\) syscall"):
         daemon.require_privileges(proc=str(tmp_path))
+
+
+def test_reap_interval_follows_the_shortest_timeout() -> None:
+    from natd.config import Timeouts
+
+    assert daemon.reap_interval(Timeouts()) == 2.5  # tcp_close 10 s / 4
+    assert daemon.reap_interval(Timeouts(tcp_close=1, udp_unreplied=1)) == 0.5
+    assert daemon.reap_interval(Timeouts(tcp_close=3600, tcp_syn_recv=3600, tcp_syn_sent=3600,
+                                         tcp_time_wait=3600, icmp=3600, udp_unreplied=3600)) == 5.0
