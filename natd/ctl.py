@@ -30,6 +30,7 @@ from natd.errors import NatdError, StateError
 from natd.fmt import TimeoutPolicy, flow_json, flow_tuples, format_flow, ip_str, seconds_left
 from natd.maps import LAYOUT_VERSION, PROTO_NAMES, PROTO_NUMBERS, PROTO_TCP, CtEntry, CtKey, CtState, Stat
 from natd.metrics import read_port_ranges
+from natd.status import pid_alive, read_status, status_path
 from natd.tables import Flow, PinnedTables, StatTotals, Tables, pin_dir, sum_stats
 
 __all__ = [
@@ -336,6 +337,7 @@ class PinInfo:
     rules: tuple[SnatRuleInfo, ...] = ()
     port_ranges: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     interfaces: tuple[InterfaceInfo, ...] = ()
+    daemon: dict[str, Any] | None = None  # natd's status file (natd.status), None when there is none
 
 
 # IFLA_XDP_ATTACHED: the kernel's number, or pyroute2's name for it (the names `ip link` prints)
@@ -401,9 +403,14 @@ def read_pin_info(tables: Tables, settings: Settings) -> PinInfo:
     outside_keys = tables.map("outside_ifaces").keys()  # a BpfMap is not iterable itself
     outside = [struct.unpack("<I", k)[0] for k in outside_keys]
     interfaces = [_interface(None, i, "outside") for i in sorted(outside)]
+    daemon = read_status(status_path(settings.instance))
+    inside: list[str] = []
     if settings.config is not None:
-        interfaces += [_interface(name, None, "inside") for name in settings.config.inside]
-    return PinInfo(tables.directory, pins, tuple(rules), read_port_ranges(tables), tuple(interfaces))
+        inside = list(settings.config.inside)
+    elif daemon is not None:
+        inside = [str(n) for n in daemon.get("inside", [])]
+    interfaces += [_interface(name, None, "inside") for name in inside]
+    return PinInfo(tables.directory, pins, tuple(rules), read_port_ranges(tables), tuple(interfaces), daemon)
 
 
 def _reasons(totals: StatTotals, prefix: str) -> tuple[int, str]:
@@ -432,11 +439,37 @@ def status_data(tables: Tables, info: PinInfo, settings: Settings) -> dict[str, 
         "external_addresses": {a: f"{lo}-{hi}" for a, (lo, hi) in sorted(info.port_ranges.items())},
         "snat_rules": [{"rule_id": r.rule_id, "from": r.network, "to": list(r.to), "ports": r.ports}
                        for r in info.rules],
+        "daemon": _daemon_data(info.daemon),
     }
+
+
+def _daemon_data(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The status file's contents plus whether that pid still runs (the datapath works without it)."""
+    if status is None:
+        return None
+    pid = int(status.get("pid", 0))
+    return {**status, "running": pid > 0 and pid_alive(pid)}
 
 
 def _paren(text: str) -> str:
     return f" ({text})" if text else ""
+
+
+def _daemon_lines(daemon: dict[str, Any] | None) -> list[str]:
+    if daemon is None:
+        return ["daemon:      no status file (natd not started here, or an older natd)"]
+    run = "running" if daemon["running"] else "NOT running (the XDP program keeps translating)"
+    reaper = daemon.get("reaper", {})
+    last = reaper.get("last_success") or 0
+    age = f"{max(0.0, time.time() - last):.0f} s ago" if last else "not yet"
+    lines = [f"daemon:      pid {daemon.get('pid')} {run}, config {daemon.get('config')} "
+             f"(digest {str(daemon.get('config_digest', ''))[:12]})",
+             f"reaper:      last sweep {age}, {reaper.get('entries', 0)} entries, "
+             f"{reaper.get('last_duration_seconds', 0.0):.3f} s, {reaper.get('sweeps', 0)} sweeps"]
+    states = daemon.get("interfaces", {})
+    if states:
+        lines.append("link events: " + ", ".join(f"{n} {s}" for n, s in sorted(states.items())))
+    return lines
 
 
 def status_lines(data: dict[str, Any], totals_text: tuple[str, str]) -> list[str]:
@@ -458,6 +491,7 @@ def status_lines(data: dict[str, Any], totals_text: tuple[str, str]) -> list[str
         lines.append(f"  {i['name']:<15} {i['role']:<7}  ifindex {index:<5} {i['xdp']}")
     lines.append("external addresses:" + ("" if data["external_addresses"] else "  none"))
     lines += [f"  {addr:<15} ports {ports}" for addr, ports in data["external_addresses"].items()]
+    lines += _daemon_lines(data.get("daemon"))
     lines.append("snat rules:" + ("" if data["snat_rules"] else "  none"))
     for r in data["snat_rules"]:
         to = ", ".join(r["to"]) or "-"

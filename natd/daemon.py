@@ -11,6 +11,7 @@ flows' packets to the kernel, which answers them with RSTs. `natd --detach` is t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from types import FrameType
 from natd import __version__
 from natd.config import Config, Timeouts, load_config
 from natd.errors import ConfigError, EnvironmentError_, NatdError
+from natd.linkwatch import LinkState, LinkWatcher
 from natd.loader import Datapath, check_pinned_layout, ensure_bpffs, remove_pins
 from natd.maps import LAYOUT_VERSION
 from natd.metrics import NatdCollector, ReaperStatus, start_metrics_server
@@ -30,6 +32,7 @@ from natd.netlink import Interfaces
 from natd.reaper import ReaperThread, SweepResult
 from natd.rules import RuleSet, build_ruleset, check_local_port_range
 from natd.sdnotify import Notifier
+from natd.status import status_path, write_status
 from natd.sysctl import enable_accept_local, read_local_port_range
 from natd.tables import PinnedTables, pin_dir
 
@@ -66,7 +69,8 @@ def require_privileges(proc: str = "/proc") -> None:
 
 class Daemon:
     def __init__(self, config_path: str, config: Config, *, notifier: Notifier | None = None,
-                 proc: str = "/proc", clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 proc: str = "/proc", clock: Callable[[], int] = time.monotonic_ns,
+                 status_file: str | None = None) -> None:
         self.config_path = config_path
         self.config = config
         self.notifier = notifier or Notifier()
@@ -79,6 +83,12 @@ class Daemon:
         self.reaper_status = ReaperStatus()
         self.metrics_server: object | None = None
         self.ready = False
+        self.rules: RuleSet | None = None
+        self.links: LinkWatcher | None = None
+        self.link_states: dict[str, str] = {}
+        self.status_file = status_file or status_path(config.instance)
+        self.started_at = time.time()
+        self._rules_lock = threading.Lock()  # reloads (main thread) and link events (watcher thread)
         self._stop = threading.Event()
         self._reload = threading.Event()
 
@@ -108,10 +118,14 @@ class Daemon:
         self.datapath = Datapath.load(self.pin_dir, cfg.conntrack.max)
         self.tables = PinnedTables(self.pin_dir)
         self.tables.apply_rules(rules)
+        self.rules = rules
         for ifname in cfg.inside:
             enable_accept_local(ifname, self.proc)
             self.datapath.attach(ifname, "xdp_inside")
         self.datapath.attach(cfg.outside, "xdp_outside")
+        self.link_states = {name: "attached" for name in [*cfg.inside, cfg.outside]}
+        self.links = LinkWatcher({*cfg.inside, cfg.outside}, self._on_link)
+        self.links.start()
         log.info("attached: inside %s, outside %s; %s pinned state in %s (%.1f s)", ",".join(cfg.inside),
                  cfg.outside, "reusing" if reused else "new", self.pin_dir, time.monotonic() - t0)
         self.reaper = ReaperThread(self.tables, cfg.conntrack.timeouts,
@@ -123,11 +137,63 @@ class Daemon:
             self.metrics_server, _ = start_metrics_server(collector, cfg.metrics.host, cfg.metrics.port)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, cfg.metrics.port)
         self.ready = True
+        self.write_status()
         self.notifier.ready(f"translating: {len(rules.snat)} snat rules, "
                             f"{len(rules.pool)} external addresses")
 
     def _on_sweep(self, result: SweepResult) -> None:
         self.reaper_status.update(result, time.time())
+        self.write_status()
+
+    # -- interfaces coming and going ------------------------------------------------------------------
+    def _on_link(self, state: LinkState) -> None:
+        """Keep serving the other interfaces when one vanishes; re-attach when it is back."""
+        assert self.datapath is not None
+        cfg = self.config
+        role = "outside" if state.name == cfg.outside else "inside"
+        if state.ifindex is None:
+            self.datapath.attached.pop(state.name, None)
+            self.link_states[state.name] = "missing"
+            log.warning("%s interface %s was deleted (its XDP program went with it); serving the others, "
+                        "natd re-attaches when %s is back", role, state.name, state.name)
+        elif not state.xdp_attached:
+            self.datapath.attach(state.name, "xdp_outside" if role == "outside" else "xdp_inside")
+            if role == "inside":
+                enable_accept_local(state.name, self.proc)
+            else:
+                with self._rules_lock:  # a re-created outside interface has a new ifindex
+                    assert self.rules is not None and self.tables is not None
+                    self.rules = dataclasses.replace(self.rules, outside_ifindexes=frozenset({state.ifindex}))
+                    self.tables.apply_rules(self.rules)
+            self.link_states[state.name] = "attached" if state.up else "attached, down"
+            log.warning("%s interface %s is back (ifindex %d); XDP program re-attached", role, state.name,
+                        state.ifindex)
+        else:
+            self.link_states[state.name] = "attached" if state.up else "attached, down"
+            log.warning("%s interface %s is %s", role, state.name, "up" if state.up else "down")
+        self.write_status()
+
+    def write_status(self) -> None:
+        """The daemon's view for `natctl status` (best effort: a read-only /run must not stop natd)."""
+        snap = self.reaper_status.snapshot()
+        data = {
+            "pid": os.getpid(),
+            "started": self.started_at,
+            "updated": time.time(),
+            "config": self.config_path,
+            "config_digest": self.config.digest(),
+            "pin_dir": self.pin_dir,
+            "inside": list(self.config.inside),
+            "outside": self.config.outside,
+            "interfaces": dict(self.link_states),
+            "reaper": {"sweeps": snap.sweeps, "last_success": snap.last_success_unixtime,
+                       "last_duration_seconds": snap.last_duration_seconds, "entries": snap.entries,
+                       "idle_timeouts_total": snap.idle_timeouts_total},
+        }
+        try:
+            write_status(self.status_file, data)
+        except OSError as exc:
+            log.debug("cannot write %s: %s", self.status_file, exc)
 
     # -- reload ---------------------------------------------------------------------------------
     def reload(self) -> bool:
@@ -147,13 +213,16 @@ class Daemon:
             finally:
                 links.close()
             assert self.tables is not None and self.reaper is not None
-            self.tables.apply_rules(rules)
+            with self._rules_lock:
+                self.tables.apply_rules(rules)
+                self.rules = rules
             self.reaper.set_timeouts(new.conntrack.timeouts)
         except NatdError as exc:
             log.error("reload rejected, the running config stays: %s", exc)
             self.notifier.ready(f"reload rejected: {exc}")
             return False
         self.config = new
+        self.write_status()
         log.info("reloaded %s (digest %s)", self.config_path, new.digest()[:12])
         self.notifier.ready(f"reloaded: {len(rules.snat)} snat rules")
         return True
@@ -178,6 +247,9 @@ class Daemon:
 
     def stop(self, detach: bool = False) -> None:
         self.notifier.stopping()
+        if self.links is not None:
+            self.links.stop()
+            self.links.join(timeout=5)
         if self.reaper is not None:
             self.reaper.stop()
             self.reaper.join(timeout=10)

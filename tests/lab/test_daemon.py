@@ -201,3 +201,41 @@ def test_reload_refuses_restart_only_changes(lab: Any, natd_factory: Any) -> Non
     natd.write_config(cfg)
     assert "conntrack.max" in natd.reload()
     lab.exec("host2", ["ping", "-c", "1", "-W", "2", lab.addr("srv1")])  # in2 still translated
+
+
+def test_interface_down_deleted_and_back(lab: Any, natd_factory: Any) -> None:
+    """natd logs link changes, keeps serving the other interfaces, and re-attaches an interface that is
+    re-created (a new ifindex, no program) — and natctl status reports it."""
+    natd = natd_factory(lab)
+    lab.set_link("gw", "in1", up=False)
+    lab.exec("host2", ["ping", "-c", "1", "-W", "2", lab.addr("srv1")])  # in2 unaffected
+    lab.set_link("gw", "in1", up=True)
+    # delete in1 (its peer on host1 goes with it) and build the link again
+    with lab.ipr("gw") as ipr:
+        ipr.link("del", index=ipr.link_lookup(ifname="in1")[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "in1 missing" not in natd.natctl("status").stdout:
+        time.sleep(0.2)
+    assert "in1 missing" in natd.natctl("status").stdout
+    lab.exec("host2", ["ping", "-c", "1", "-W", "2", lab.addr("srv1")])
+    with lab.ipr("gw") as ipr:
+        ipr.link("add", ifname="in1", kind="veth", peer={"ifname": "eth0", "net_ns_fd": lab.ns("host1")})
+        idx = ipr.link_lookup(ifname="in1")[0]
+        ipr.addr("add", index=idx, address="10.0.1.1", prefixlen=24)
+        ipr.link("set", index=idx, state="up")
+    with lab.ipr("host1") as ipr:
+        idx = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("add", index=idx, address="10.0.1.42", prefixlen=24)
+        ipr.link("set", index=idx, state="up")
+        ipr.route("add", dst="0.0.0.0/0", gateway="10.0.1.1")
+    lab.exec("host1", ["ethtool", "-K", "eth0", "tx", "off", "gro", "on"])
+    lab.exec("gw", ["ethtool", "-K", "in1", "tx", "off"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not xdp_attached(lab, "gw", "in1"):
+        time.sleep(0.2)
+    assert xdp_attached(lab, "gw", "in1")
+    res = lab.exec("host1", ["ping", "-c", "2", "-W", "2", lab.addr("srv1")], check=False)
+    assert " 0% packet loss" in res.stdout or " 50% packet loss" in res.stdout  # first may wait for ARP
+    log = natd.log_tail(80)
+    assert "inside interface in1 was deleted" in log and "inside interface in1 is back" in log
+    assert natd.proc.poll() is None

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -448,6 +449,7 @@ def test_status_text(natctl: Run) -> None:
         "external addresses:",
         "  203.0.113.1     ports 20000-29999",
         "  203.0.113.2     ports 20000-29999",
+        "daemon:      no status file (natd not started here, or an older natd)",
         "snat rules:",
         "  rule 0    10.0.0.0/8         -> 203.0.113.1, 203.0.113.2  ports 20000-29999",
         "  rule 1    172.16.0.0/12      -> -  ports 1024-32767",
@@ -466,8 +468,26 @@ def test_status_of_an_idle_natd(natctl: Run) -> None:
         "passed:      0 packets",
         "interfaces:  none known (pass --config to list inside ones)",
         "external addresses:  none",
+        "daemon:      no status file (natd not started here, or an older natd)",
         "snat rules:  none",
     ]
+
+
+def test_status_shows_the_daemon_from_its_status_file(natctl: Run) -> None:
+    daemon = {"pid": os.getpid(), "config": "/etc/natd/natd.yaml", "config_digest": "ab" * 32,
+              "interfaces": {"eth0": "attached", "eth1": "missing"},
+              "reaper": {"sweeps": 3, "last_success": time.time() - 2, "last_duration_seconds": 0.01,
+                         "entries": 7}}
+    rc, out, _ = natctl(FakeTables(ct_max=1024), "status", pin_info=PinInfo("/p", daemon=daemon))
+    assert rc == 0
+    lines = out.splitlines()
+    head = f"daemon:      pid {os.getpid()} running, config /etc/natd/natd.yaml (digest abababababab)"
+    assert head in lines
+    assert any(line.startswith("reaper:      last sweep 2 s ago, 7 entries") for line in lines)
+    assert "link events: eth0 attached, eth1 missing" in lines
+    daemon["pid"] = 2**22 + 1  # above pid_max: no such process
+    _, out, _ = natctl(FakeTables(ct_max=1024), "status", pin_info=PinInfo("/p", daemon=daemon))
+    assert "NOT running (the XDP program keeps translating)" in out
 
 
 def test_status_json(natctl: Run) -> None:
