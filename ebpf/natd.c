@@ -17,17 +17,17 @@
 #include "csum.h"
 #include "fib.h"
 #include "conntrack.h"
+#include "events.h"
 #include "nat.h"
 #include "icmp_error.h"
+#include "hairpin.h"
 
 int xdp_inside(struct xdp_md *ctx)
 {
 	struct hdr_cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
 	__u64 bytes = ctx->data_end - ctx->data;
 	struct bpf_fib_lookup fib;
-	struct snat_rule static_rule = {};
-	struct snat_rule *rule;
-	__be32 *static_ext;
+	struct ext_addr_info *ext;
 	struct l4_fields f = {};
 	struct ct_entry *e;
 	struct ct_key key = {};
@@ -35,7 +35,6 @@ int xdp_inside(struct xdp_md *ctx)
 	struct iphdr *ip;
 	__u32 reason = 0;
 	int fib_rc, l4, outbound;
-	__be32 ext;
 
 	eth = parse_ethhdr(&c);
 	if (!eth)
@@ -48,6 +47,9 @@ int xdp_inside(struct xdp_md *ctx)
 	/* TTL expiring here: the kernel answers with Time Exceeded to the inside host (traceroute). */
 	if (ip->ttl <= 1)
 		return verdict(ctx, XDP_PASS, STAT_PASS_TTL);
+	ext = ext_addrs.lookup(&ip->daddr);
+	if (ext)
+		return nat_hairpin(ctx, &c, eth, ip, ext);
 
 	fib_rc = fib_lookup_v4(ctx, &fib, ip, ip->saddr, ip->daddr, bpf_ntohs(ip->tot_len));
 	if (fib_rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
@@ -85,34 +87,10 @@ int xdp_inside(struct xdp_md *ctx)
 	key.sport = *f.sport;
 	key.dport = ip->protocol == IPPROTO_ICMP ? 0 : *f.dport;
 	key.proto = ip->protocol;
-
-	e = ct_orig.lookup(&key);
-	if (!e) {
-		/* A RST for a flow natd does not know has nothing to close. */
-		if (f.tcp && f.tcp->rst)
-			return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
-		static_ext = static_out.lookup(&ip->saddr);
-		if (static_ext) {
-			/* static 1:1 NAT keeps the port: a one-port "range" */
-			static_rule.rule_id = NATD_RULE_STATIC;
-			static_rule.port_min = bpf_ntohs(key.sport);
-			static_rule.port_max = static_rule.port_min;
-			rule = &static_rule;
-			ext = *static_ext;
-		} else {
-			rule = snat_rule_for(ip->saddr);
-			if (!rule)
-				return verdict(ctx, XDP_DROP, STAT_DROP_SPOOFED_INSIDE);
-			if (snat_pick_addr(rule, ip->saddr, &ext) < 0)
-				return verdict(ctx, XDP_DROP, STAT_DROP_PORT_EXHAUSTED);
-		}
-		if (snat_create(&key, rule, ext, ct_initial_state(f.tcp), &reason) < 0)
-			return verdict(ctx, XDP_DROP, reason);
-		e = ct_orig.lookup(&key);
-		if (!e)
-			return verdict(ctx, XDP_DROP, STAT_DROP_TABLE_FULL);
-	}
+	if (nat_out_flow(&key, &f, &e, &reason) < 0)
+		return verdict(ctx, XDP_DROP, reason);
 	ct_update(e, f.tcp, CT_DIR_ORIG, bytes);
+	ct_track_inside_ack(e, f.tcp);
 	snat_rewrite(ip, &f, e->nat_addr, e->nat_port);
 	stat_count(STAT_SNAT_OUT, bytes);
 
@@ -129,17 +107,15 @@ int xdp_outside(struct xdp_md *ctx)
 	__u64 bytes = ctx->data_end - ctx->data;
 	struct bpf_fib_lookup fib;
 	struct ext_addr_info *ext;
-	struct ct_reply_value *rv;
+	struct ct_reply_value *rv = NULL;
 	struct l4_fields f = {};
 	struct ct_key rk = {};
-	struct ct_entry *e;
+	struct ct_entry *e = NULL;
 	struct ethhdr *eth;
 	struct iphdr *ip;
-	__u32 rule_id, reason = 0;
-	__be16 inside_port;
-	__be32 inside;
+	__u32 reason = 0;
 	__u16 port;
-	int fib_rc, l4;
+	int fib_rc, l4, rc;
 
 	eth = parse_ethhdr(&c);
 	if (!eth)
@@ -173,21 +149,12 @@ int xdp_outside(struct xdp_md *ctx)
 	rk.sport = ip->protocol == IPPROTO_ICMP ? 0 : *f.sport;
 	rk.dport = *f.dport;
 	rk.proto = ip->protocol;
-	rv = ct_reply.lookup(&rk);
-	e = rv ? ct_orig.lookup(&rv->orig) : NULL;
-	/* A new flow from the internet: only through a port forward or a static mapping, and for TCP only
-	 * with a SYN (a stray segment must not open state). */
-	if (!e && inbound_target(&rk, &inside, &inside_port, &rule_id) == 0) {
-		if (f.tcp && !(f.tcp->syn && !f.tcp->ack))
-			return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
-		if (inbound_create(&rk, inside, inside_port, ct_initial_state(f.tcp), rule_id, &reason) < 0)
-			return verdict(ctx, XDP_DROP, reason);
-		rv = ct_reply.lookup(&rk);
-		e = rv ? ct_orig.lookup(&rv->orig) : NULL;
-		if (!e)
-			return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
-	}
-	if (!e) {
+	rc = nat_in_flow(&rk, &f, ip->ttl, &rv, &e, &reason);
+	if (rc == NAT_IN_DROP)
+		return verdict(ctx, XDP_DROP, reason);
+	if (rc == NAT_IN_PASS)
+		return verdict(ctx, XDP_PASS, reason);
+	if (rc == NAT_IN_NO_MAPPING || !e || !rv) {
 		/* Echo replies for the gateway's own pings carry any identifier: the kernel's. */
 		port = bpf_ntohs(*f.dport);
 		if (ip->protocol != IPPROTO_ICMP && port >= ext->port_min && port <= ext->port_max)
@@ -196,6 +163,8 @@ int xdp_outside(struct xdp_md *ctx)
 	}
 	if (ip->ttl <= 1)
 		return verdict(ctx, XDP_PASS, STAT_PASS_TTL);
+	if (f.tcp && f.tcp->rst && !ct_rst_acceptable(e, f.tcp))
+		return verdict(ctx, XDP_DROP, STAT_DROP_OUT_OF_WINDOW);
 
 	ct_update(e, f.tcp, CT_DIR_REPLY, bytes);
 	dnat_rewrite(ip, &f, rv->orig.saddr, rv->orig.sport);

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LPM_TRIE = 11
 _PERCPU_TYPES = {5, 6, 10}  # percpu hash, percpu array, lru percpu hash
+BATCH_CHUNK = 8192  # entries per batch syscall (see BpfMap.lookup_batch_raw)
 
 
 class _BatchOpts(ctypes.Structure):
@@ -134,6 +136,23 @@ class BpfMap:
         self.value_bytes = (
             ((self.info.value_size + 7) // 8) * 8 * possible_cpus() if self.percpu else self.info.value_size
         )
+        self._batch_hint = 0  # entries the last lookup_batch_raw() found: sizes the next one's buffers
+
+    @classmethod
+    def create(cls, map_type: int, key_size: int, value_size: int, max_entries: int,
+               name: str = "") -> BpfMap:
+        """A new map (BPF_MAP_CREATE without options: a preallocated hash is what BCC's BPF_TABLE makes).
+        For benchmarks and tests: natd's own maps come from the datapath's source, see natd.loader."""
+        fd = _lib().bpf_map_create(map_type, name.encode()[:15] or None, key_size, value_size, max_entries,
+                                   None)
+        if fd < 0:
+            err = ctypes.get_errno() or -fd
+            raise BpfError(f"creating a map ({map_type=}, {key_size=}, {value_size=}, {max_entries=}): "
+                           f"{os.strerror(err)} (errno {err})")
+        return cls(fd, name)
+
+    def pin(self, path: str) -> None:
+        obj_pin(self.fd, path)
 
     @classmethod
     def open_pinned(cls, path: str) -> BpfMap:
@@ -179,6 +198,29 @@ class BpfMap:
             _check(rc, f"lookup in {self.name}")
         return out.raw
 
+    def lookup_many_raw(self, keys: bytes, count: int | None = None) -> tuple[bytes, bytes]:
+        """One BPF_MAP_LOOKUP_ELEM per key of a packed blob (there is no batch lookup by key), without
+        building objects per key. Returns ``(values, found)``: values packed like the keys (zeros where
+        the key is missing) and one byte per key, 1 if it was found."""
+        ks, vs = self.info.key_size, self.value_bytes
+        if count is None:
+            count = len(keys) // ks
+        if len(keys) < count * ks:
+            raise ValueError(f"lookup of {count} keys needs {count * ks} bytes, got {len(keys)}")
+        kbuf = (ctypes.c_char * max(len(keys), 1)).from_buffer_copy(keys or b"\0")
+        values = ctypes.create_string_buffer(vs * count)
+        found = ctypes.create_string_buffer(count)
+        kbase, vbase, fd = ctypes.addressof(kbuf), ctypes.addressof(values), self.fd
+        lookup = _lib().bpf_map_lookup_elem
+        for i in range(count):
+            if lookup(fd, kbase + i * ks, vbase + i * vs) == 0:
+                found[i] = b"\x01"
+                continue
+            err = ctypes.get_errno()
+            if err != errno.ENOENT:
+                raise BpfError(f"lookup in {self.name}: {os.strerror(err)} (errno {err})")
+        return values.raw, found.raw
+
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         _check(_lib().bpf_map_update_elem(self.fd, key, value, flags), f"update of {self.name}")
 
@@ -209,52 +251,146 @@ class BpfMap:
                 out.append((key, value))
         return out
 
-    def items_batch(self, chunk: int = 8192) -> list[tuple[bytes, bytes]]:
-        """The whole map with BPF_MAP_LOOKUP_BATCH: one syscall per chunk, not one per entry."""
+    def lookup_batch_raw(self, chunk: int = BATCH_CHUNK) -> tuple[memoryview, memoryview, int]:
+        """The whole map with BPF_MAP_LOOKUP_BATCH as two packed blobs: ``(keys, values, count)``, entry
+        ``i`` at ``keys[i * key_size:]`` and ``values[i * value_bytes:]`` (``value_bytes``: per-CPU values
+        hold one 8-byte-aligned slot per possible CPU).
+
+        ``chunk``: entries per syscall at most (0: all that fit). The kernel walks a hash map's buckets
+        without rescheduling until the syscall returns: on a non-preemptible kernel (Debian's default
+        ``preempt=none``/voluntary) one syscall for a million entries keeps its CPU for ~0.4 s, from other
+        threads of this process and from threaded NAPI alike. ``BATCH_CHUNK`` entries (a few ms) per
+        syscall costs nothing measurable and lets the scheduler in between.
+
+        One buffer per side, sized from the previous read (the first time: ``max_entries``) and grown when
+        the map holds more. The buffers are private anonymous memory (mmap): the kernel writes into them
+        directly and they are handed over as read-only memoryviews, so nothing is zeroed, copied or sliced
+        per entry with the GIL held (a million-entry table is 80 MB: a memset or copy of that holds the GIL
+        for tens of ms). View them with ``np.frombuffer`` or ``Struct.from_buffer_copy(blob, offset)``;
+        ``bytes(blob)`` copies. The syscalls themselves run without the GIL.
+
+        Not a snapshot of one instant: entries created or deleted during the read may or may not be in it
+        (each hash bucket is read atomically).
+        """
         ks, vs = self.info.key_size, self.value_bytes
-        keys = ctypes.create_string_buffer(ks * chunk)
-        values = ctypes.create_string_buffer(vs * chunk)
+        # the last read's count (+1/8) or, the first time, the whole capacity; +256 so that a full map
+        # needs no growth just to learn that it has ended
+        cap = min(self.info.max_entries, self._batch_hint or self.info.max_entries, 1 << 26) + 256
+        keys = mmap.mmap(-1, ks * cap, flags=mmap.MAP_PRIVATE)
+        values = mmap.mmap(-1, vs * cap, flags=mmap.MAP_PRIVATE)
         token_in = ctypes.create_string_buffer(max(ks, 8))
         token_out = ctypes.create_string_buffer(max(ks, 8))
         opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
-        result: list[tuple[bytes, bytes]] = []
+        lookup = _lib().bpf_map_lookup_batch
+        n = 0
         first = True
         while True:
-            count = ctypes.c_uint32(chunk)
-            rc = _lib().bpf_map_lookup_batch(self.fd, None if first else token_in, token_out, keys, values,
-                                             ctypes.byref(count), ctypes.byref(opts))
+            if cap - n < 64:
+                cap = 2 * cap
+                keys.resize(ks * cap)  # mremap: no copy (the mapping may move: addresses are taken below)
+                values.resize(vs * cap)
+            want = min(cap - n, chunk) if chunk else cap - n
+            count = ctypes.c_uint32(want)
+            rc = lookup(self.fd, None if first else token_in, token_out, _address(keys) + n * ks,
+                        _address(values) + n * vs, ctypes.byref(count), ctypes.byref(opts))
             err = ctypes.get_errno() if rc < 0 else 0
             if rc < 0 and err == errno.ENOSPC and count.value == 0:
-                # one hash bucket holds more than `chunk` entries: retry bigger
-                return self.items_batch(chunk * 4)
-            kraw, vraw = keys.raw, values.raw
-            for i in range(count.value):
-                result.append((kraw[i * ks:(i + 1) * ks], vraw[i * vs:(i + 1) * vs]))
+                # the next hash bucket holds more entries than fit: make room and ask again
+                chunk = 4 * chunk
+                if cap - n < 4 * want:
+                    cap = n + 4 * want
+                    keys.resize(ks * cap)
+                    values.resize(vs * cap)
+                continue
+            n += count.value
             if rc < 0:
                 if err == errno.ENOENT:
-                    return result
+                    break
                 _check(rc, f"batch lookup in {self.name}")
-            ctypes.memmove(token_in, token_out, len(token_out.raw))
+            ctypes.memmove(token_in, token_out, ctypes.sizeof(token_out))
             first = False
+        self._batch_hint = n + n // 8 + 1024
+        if n == 0:
+            return memoryview(b""), memoryview(b""), 0
+        keys.resize(ks * n)  # give back what the read did not use (shrinking never moves or copies)
+        values.resize(vs * n)
+        return memoryview(keys).toreadonly(), memoryview(values).toreadonly(), n
 
-    def delete_batch(self, keys: list[bytes], chunk: int = 8192) -> int:
-        """Deletes with BPF_MAP_DELETE_BATCH; keys that are already gone are skipped. Returns deleted."""
-        deleted = 0
+    def items_batch(self, chunk: int = BATCH_CHUNK) -> list[tuple[bytes, bytes]]:
+        """The whole map with BPF_MAP_LOOKUP_BATCH as (key, value) pairs; see :meth:`lookup_batch_raw`,
+        which is what to use for big maps (no per-entry objects)."""
+        kview, vview, n = self.lookup_batch_raw(chunk)
+        keys, values = bytes(kview), bytes(vview)
+        ks, vs = self.info.key_size, self.value_bytes
+        return [(keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs]) for i in range(n)]
+
+    def update_batch(self, keys: bytes, values: bytes, count: int | None = None, *, flags: int = BPF_ANY,
+                     chunk: int = 65536) -> int:
+        """BPF_MAP_UPDATE_BATCH of ``count`` entries packed in two blobs (as :meth:`lookup_batch_raw`
+        returns them); ``flags`` (BPF_ANY, BPF_NOEXIST, BPF_EXIST) applies to every element. Raises on the
+        first element that fails (E2BIG: the map is full; EEXIST with BPF_NOEXIST), after the ones before
+        it were written. Returns the number written."""
+        ks, vs = self.info.key_size, self.value_bytes
+        if count is None:
+            count = len(keys) // ks
+        if len(keys) < count * ks or len(values) < count * vs:
+            raise ValueError(f"update_batch of {count} entries needs {count * ks} key and {count * vs} value "
+                             f"bytes, got {len(keys)} and {len(values)}")
+        if count == 0:
+            return 0
+        kbuf = (ctypes.c_char * len(keys)).from_buffer_copy(keys)
+        vbuf = (ctypes.c_char * len(values)).from_buffer_copy(values)
+        opts = _BatchOpts(ctypes.sizeof(_BatchOpts), flags, 0)
+        update = _lib().bpf_map_update_batch
+        done = 0
+        while done < count:
+            n = ctypes.c_uint32(min(chunk, count - done))
+            rc = update(self.fd, ctypes.byref(kbuf, done * ks), ctypes.byref(vbuf, done * vs),
+                        ctypes.byref(n), ctypes.byref(opts))
+            done += n.value
+            if rc < 0:
+                _check(rc, f"batch update of {self.name} (after {done} of {count} entries)")
+        return done
+
+    def delete_batch_raw(self, keys: bytes, count: int | None = None, chunk: int = 8192) -> list[int]:
+        """BPF_MAP_DELETE_BATCH of ``count`` keys packed in one blob. Keys that are not in the map (gone
+        already: the datapath or a racing delete) are skipped. Returns the indexes of those skipped keys,
+        so the caller knows exactly which keys this call deleted."""
+        ks = self.info.key_size
+        if count is None:
+            count = len(keys) // ks
+        if len(keys) < count * ks:
+            raise ValueError(f"delete_batch of {count} keys needs {count * ks} bytes, got {len(keys)}")
+        if count == 0:
+            return []
+        kbuf = (ctypes.c_char * len(keys)).from_buffer_copy(keys)
         opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
-        pending = list(keys)
-        while pending:
-            part, pending = pending[:chunk], pending[chunk:]
-            buf = b"".join(part)
-            count = ctypes.c_uint32(len(part))
-            rc = _lib().bpf_map_delete_batch(self.fd, buf, ctypes.byref(count), ctypes.byref(opts))
-            deleted += count.value
+        missing: list[int] = []
+        done = 0
+        while done < count:
+            n = ctypes.c_uint32(min(chunk, count - done))
+            rc = _lib().bpf_map_delete_batch(self.fd, ctypes.byref(kbuf, done * ks), ctypes.byref(n),
+                                             ctypes.byref(opts))
+            done += n.value
             if rc < 0:
                 err = ctypes.get_errno()
                 if err != errno.ENOENT:
                     _check(rc, f"batch delete in {self.name}")
-                # the key at index `count` vanished under us (the datapath or a racing delete): skip it
-                pending = part[count.value + 1:] + pending
-        return deleted
+                # the key at index `done` vanished under us: skip it
+                missing.append(done)
+                done += 1
+        return missing
+
+    def delete_batch(self, keys: list[bytes], chunk: int = 8192) -> int:
+        """Deletes with BPF_MAP_DELETE_BATCH; keys that are already gone are skipped. Returns deleted."""
+        if not keys:
+            return 0
+        return len(keys) - len(self.delete_batch_raw(b"".join(keys), len(keys), chunk))
+
+
+def _address(buffer: mmap.mmap) -> int:
+    """Where a writable buffer's memory is now (the temporary export ends at once: it may be resized)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 def obj_pin(fd: int, path: str) -> None:

@@ -173,6 +173,16 @@ def _optional_abs_path(value: Any) -> str | None:
     return None if value is None else _abs_path(value)
 
 
+def _event_log_path(value: Any) -> str | None:
+    """log.events: an absolute file path, "-" (standard error) or null (no event log)."""
+    if value == "-":
+        return "-"
+    if isinstance(value, str) and not value.startswith("/"):
+        _fail(f"{_show(value)} is not an absolute path; expected a path starting with '/', or '-' for "
+              "standard error")
+    return _optional_abs_path(value)
+
+
 def _log_level(value: Any) -> str:
     if value not in _LOG_LEVELS:
         _fail(f"{_show(value)} is not a log level; expected one of {', '.join(_LOG_LEVELS)}")
@@ -527,7 +537,7 @@ class LogConfig(_Section):
     """Daemon log level and the NAT event log (RFC 6888 REQ-12 logging)."""
 
     level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_log_level)] = "info"
-    events: Annotated[str | None, BeforeValidator(_optional_abs_path)] = None
+    events: Annotated[str | None, BeforeValidator(_event_log_path)] = None  # path, "-" (stderr) or None
     log_destinations: Annotated[bool, BeforeValidator(_bool)] = False
 
 

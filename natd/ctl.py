@@ -27,6 +27,7 @@ from typing import Any, TextIO
 from natd import __version__
 from natd.config import Config, Timeouts, load_config
 from natd.errors import NatdError, StateError
+from natd.events import conntrack_line, destroy_events, event_json, parse_event, socket_path
 from natd.fmt import TimeoutPolicy, flow_json, flow_tuples, format_flow, ip_str, seconds_left
 from natd.maps import LAYOUT_VERSION, PROTO_NAMES, PROTO_NUMBERS, PROTO_TCP, CtEntry, CtKey, CtState, Stat
 from natd.metrics import read_port_ranges
@@ -44,12 +45,15 @@ __all__ = [
     "Settings",
     "SnatRuleInfo",
     "build_parser",
+    "connect_events",
     "conntrack_stats",
     "count_flows",
     "delete_flows",
     "flush_flows",
+    "follow_events",
     "list_flows",
     "main",
+    "notify_destroyed",
     "open_pinned",
     "read_pin_info",
     "run",
@@ -81,6 +85,8 @@ examples:
   natctl -S                               per-CPU counters, conntrack -S style
   natctl -D -s 10.0.1.42                  delete one host's flows (frees their external ports)
   natctl -F                               delete every flow
+  natctl -E                               follow flow events live (NEW, DESTROY), conntrack -E style
+  natctl -E -o json -s 10.0.1.42          one inside host's events as JSON lines
   natctl status                           pin dir, table fill, counters, interfaces, rules
   natctl --config /etc/natd/natd.yaml -L  instance, pin root and timeouts from natd's config
 
@@ -90,7 +96,12 @@ settings: without --config, {DEFAULT_CONFIG} is read when it exists (else instan
 
 filters: -s/-d/-q take an address or a network (10.0.1.0/24); --sport/--dport/--state match the original
   direction, -q/--reply-port-dst the external address/port. For ICMP echo, --sport is the identifier.
-  UDP and ICMP flows have no state, so --state matches TCP flows only.
+  UDP and ICMP flows have no state, so --state matches TCP flows only (and not with -E).
+
+-E: natd publishes every NEW (flow created by the datapath) and DESTROY (flow deleted: idle timeout, -D,
+  -F) on its event socket, /run/natd/events/<instance>.sock; natctl -E prints them until Ctrl-C (exit 0).
+  It needs natd running (its event log need not be on); -D and -F tell natd what they deleted, so its
+  event log has those DESTROY events too.
 
 -S columns (conntrack's names, natd's counters, per CPU):
   found          packets that matched an existing flow: SNAT_OUT + DNAT_IN - CT_NEW
@@ -256,22 +267,30 @@ def count_flows(tables: Tables, flt: FlowFilter, out: TextIO) -> int:
     return 0
 
 
+OnDeleted = Callable[[Sequence[Flow]], None]
+
+
 def delete_flows(tables: Tables, flt: FlowFilter, timeouts: TimeoutPolicy, now_ns: NowNs, output: str,
-                 out: TextIO, err: TextIO) -> int:
+                 out: TextIO, err: TextIO, on_deleted: OnDeleted | None = None) -> int:
     """-D: delete matching flows (both halves: the external port is free again), print each like -L.
-    1 when nothing matched."""
+    1 when nothing matched. ``on_deleted`` gets the flows (natd's event log: :func:`notify_destroyed`)."""
     flows = flt.select(tables.flows())
     deleted = tables.delete_flows(flows) if flows else 0
+    if deleted and on_deleted is not None:
+        on_deleted(flows)
     _write_lines(_flow_lines(flows, timeouts, now_ns(), output), out)
     out.flush()
     print(f"{BANNER}: {deleted} flow entries have been deleted.", file=err)
     return 0 if deleted else 1
 
 
-def flush_flows(tables: Tables, err: TextIO) -> int:
+def flush_flows(tables: Tables, err: TextIO, on_deleted: OnDeleted | None = None) -> int:
     """-F: delete every flow, both halves. Orphaned reply halves are left to the reaper: deleting a
     reply whose flow is being created right now would break that flow."""
-    deleted = tables.delete_flows(tables.flows())
+    flows = tables.flows()
+    deleted = tables.delete_flows(flows)
+    if deleted and on_deleted is not None:
+        on_deleted(flows)
     print(f"{BANNER}: connection tracking table has been emptied ({deleted} flow entries deleted).",
           file=err)
     return 0
@@ -307,6 +326,83 @@ def show_stats(tables: Tables, output: str, out: TextIO) -> int:
             fields = " ".join(f"{name}={row[name]}" for name in STATS_COLUMNS)
             print(f"cpu={cpu:<4}\t{fields} ", file=out)
     return 0
+
+
+# --- events (-E), and telling natd what -D/-F deleted ---------------------------------------------------
+
+EVENT_SOCKET_TIMEOUT_S = 10.0  # for -D/-F's notification: natd reads its socket every 0.1 s
+
+
+def connect_events(settings: Settings) -> socket.socket:
+    """A connection to natd's event socket (natd.events.socket_path), with errors that say what to check."""
+    path = socket_path(settings.instance)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        if isinstance(exc, PermissionError):
+            raise StateError(f"cannot connect to natd's event socket {path}: permission denied; natctl -E "
+                             "needs root") from None
+        raise StateError(f"no natd event socket at {path} ({exc.strerror or exc}): is natd running with "
+                         f"instance '{settings.instance}'? Pass --instance or --config with natd's config "
+                         "(natd logs why when it cannot create the socket)") from None
+    return sock
+
+
+def follow_events(sock: socket.socket, flt: FlowFilter, output: str, out: TextIO, err: TextIO) -> int:
+    """-E: print natd's events as they happen, conntrack -E style or (-o json) as natd's JSON lines,
+    until Ctrl-C (0) or natd closes the stream (1)."""
+    shown = 0
+    try:
+        with sock, sock.makefile("rb") as stream:
+            sock.sendall(b'{"subscribe":true}\n')
+            for raw in stream:
+                line = raw.strip()
+                if not line:
+                    continue
+                if line.startswith(b'{"event":"LOST"'):
+                    count = json.loads(line).get("count", "?")
+                    print(f"{PROG}: warning: {count} events were not shown: natctl -E fell behind",
+                          file=err)
+                    continue
+                try:
+                    event = parse_event(line)
+                except ValueError as exc:
+                    print(f"{PROG}: warning: skipping an event natd sent: {exc}", file=err)
+                    continue
+                if flt.active and not flt.matches(*event.flow()):
+                    continue
+                out.write((line.decode() if output == "json" else conntrack_line(event)) + "\n")
+                out.flush()
+                shown += 1
+    except KeyboardInterrupt:
+        print(f"{BANNER}: {shown} flow events have been shown.", file=err)
+        return 0
+    except OSError as exc:
+        raise StateError(f"reading natd's events: {exc.strerror or exc}") from None
+    print(f"{PROG}: natd closed the event stream (it stopped); {shown} flow events have been shown",
+          file=err)
+    return 1
+
+
+def notify_destroyed(settings: Settings, flows: Sequence[Flow], reason: str, err: TextIO,
+                     connect: Callable[[Settings], socket.socket] = connect_events) -> None:
+    """Send natd DESTROY events for flows natctl deleted (reason "delete" or "flush"): natd logs and
+    publishes them like its own. Best effort: when natd is not there, a warning (if its config has an
+    event log), never a failure of the deletion, which is done."""
+    if not flows:
+        return
+    lines = [event_json(ev, True) for ev in destroy_events(flows, time.time_ns(), reason)]
+    try:
+        with connect(settings) as sock:
+            sock.settimeout(EVENT_SOCKET_TIMEOUT_S)
+            sock.sendall(("\n".join(lines) + "\n").encode())
+    except (NatdError, OSError) as exc:
+        config = settings.config
+        if config is not None and config.log.events is not None:
+            print(f"{PROG}: warning: natd did not get the {len(lines)} deleted flows, so its event log "
+                  f"({config.log.events}) has no DESTROY events for them: {exc}", file=err)
 
 
 # --- status ---------------------------------------------------------------------------------------------
@@ -564,11 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
             ("-C", "--count", "count", "print the number of flows"),
             ("-S", "--stats", "stats", "per-CPU counters, conntrack -S style"),
             ("-F", "--flush", "flush", "delete every flow"),
-            ("-D", "--delete", "delete", "delete the flows the filters match")):
+            ("-D", "--delete", "delete", "delete the flows the filters match"),
+            ("-E", "--event", "events", "follow flow events (NEW, DESTROY) live, conntrack -E style")):
         commands.add_argument(short, long, dest="command", action="store_const", const=name, help=text)
     parser.add_argument("subcommand", nargs="?", choices=["status"],
                         help="status: pin dir, table fill, counters, interfaces, rules")
-    filters = parser.add_argument_group("filters (-L, -C, -D)")
+    filters = parser.add_argument_group("filters (-L, -C, -D, -E)")
     filters.add_argument("-p", "--proto", type=_proto, metavar="PROTO", help="tcp, udp or icmp")
     filters.add_argument("-s", "--orig-src", type=_network, metavar="ADDR", help="inside host (or network)")
     filters.add_argument("-d", "--orig-dst", type=_network, metavar="ADDR", help="remote host (or network)")
@@ -578,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     filters.add_argument("--reply-port-dst", type=_port, metavar="PORT", help="external port")
     filters.add_argument("--state", type=_state, metavar="STATE", help="TCP state, e.g. ESTABLISHED")
     parser.add_argument("-o", "--output", choices=["text", "json"],
-                        help="text (default) or json: one object per line for -L, -D and -S, "
+                        help="text (default) or json: one object per line for -L, -D, -E and -S, "
                              "one object for status")
     return parser
 
@@ -589,11 +686,13 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> s
         parser.error(f"give one command: status or -{args.command[0].upper()}, not both")
     command: str | None = args.subcommand or args.command
     if command is None:
-        parser.error("no command given; use -L, -C, -S, -F, -D or status")
+        parser.error("no command given; use -L, -C, -S, -F, -D, -E or status")
     filtering = any(getattr(args, f) is not None for f in _FILTERS)
-    if filtering and command not in ("list", "count", "delete"):
+    if filtering and command not in ("list", "count", "delete", "events"):
         parser.error("filters (-p, -s, -d, --sport, --dport, -q, --reply-port-dst, --state) apply to "
-                     "-L, -C and -D only")
+                     "-L, -C, -D and -E only")
+    if command == "events" and args.state is not None:
+        parser.error("--state does not apply to -E: events carry no TCP state")
     if command == "delete" and not filtering:
         parser.error("-D needs at least one filter (e.g. -s 10.0.1.42); -F deletes every flow")
     if args.output is not None and command in ("count", "flush"):
@@ -609,8 +708,10 @@ def run(argv: Sequence[str] | None = None, *,
         open_tables: Callable[[Settings], Tables] = open_pinned,
         pin_info: Callable[[Tables, Settings], PinInfo] = read_pin_info,
         now_ns: NowNs = time.monotonic_ns,
-        default_config: str | None = DEFAULT_CONFIG) -> int:
-    """natctl with its dependencies injectable: tests pass FakeTables through ``open_tables``."""
+        default_config: str | None = DEFAULT_CONFIG,
+        connect: Callable[[Settings], socket.socket] = connect_events) -> int:
+    """natctl with its dependencies injectable: tests pass FakeTables through ``open_tables`` and a
+    socketpair through ``connect`` (natd's event socket)."""
     out, err = sys.stdout, sys.stderr
     parser = build_parser()
     try:
@@ -622,16 +723,20 @@ def run(argv: Sequence[str] | None = None, *,
     tables: Tables | None = None
     try:
         settings = resolve_settings(args, default_config, err)
-        tables = open_tables(settings)
         flt = _filter_of(args)
+        if command == "events":
+            return follow_events(connect(settings), flt, output, out, err)
+        tables = open_tables(settings)
         if command == "list":
             return list_flows(tables, flt, settings.timeouts, now_ns, output, out, err)
         if command == "count":
             return count_flows(tables, flt, out)
         if command == "delete":
-            return delete_flows(tables, flt, settings.timeouts, now_ns, output, out, err)
+            return delete_flows(tables, flt, settings.timeouts, now_ns, output, out, err,
+                                lambda flows: notify_destroyed(settings, flows, "delete", err, connect))
         if command == "flush":
-            return flush_flows(tables, err)
+            return flush_flows(tables, err,
+                               lambda flows: notify_destroyed(settings, flows, "flush", err, connect))
         if command == "stats":
             return show_stats(tables, output, out)
         return show_status(tables, pin_info(tables, settings), settings, output, out)

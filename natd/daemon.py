@@ -24,6 +24,7 @@ from types import FrameType
 from natd import __version__
 from natd.config import Config, Timeouts, load_config
 from natd.errors import ConfigError, EnvironmentError_, NatdError
+from natd.events import EventPump
 from natd.linkwatch import LinkState, LinkWatcher
 from natd.loader import Datapath, check_pinned_layout, ensure_bpffs, remove_pins
 from natd.maps import LAYOUT_VERSION
@@ -81,6 +82,7 @@ class Daemon:
         self.tables: PinnedTables | None = None
         self.reaper: ReaperThread | None = None
         self.reaper_status = ReaperStatus()
+        self.events: EventPump | None = None  # NAT event log and natctl -E (natd.events)
         self.metrics_server: object | None = None
         self.ready = False
         self.rules: RuleSet | None = None
@@ -128,12 +130,14 @@ class Daemon:
         self.links.start()
         log.info("attached: inside %s, outside %s; %s pinned state in %s (%.1f s)", ",".join(cfg.inside),
                  cfg.outside, "reusing" if reused else "new", self.pin_dir, time.monotonic() - t0)
+        self.events = self._start_events()
         self.reaper = ReaperThread(self.tables, cfg.conntrack.timeouts,
                                    interval=reap_interval(cfg.conntrack.timeouts),
-                                   clock=self.clock, on_sweep=self._on_sweep)
+                                   clock=self.clock, on_sweep=self._on_sweep,
+                                   on_delete=self.events.on_delete if self.events is not None else None)
         self.reaper.start()
         if cfg.metrics.enabled:
-            collector = NatdCollector(self.tables, cfg, self.reaper_status)
+            collector = NatdCollector(self.tables, cfg, self.reaper_status, events=self.events)
             self.metrics_server, _ = start_metrics_server(collector, cfg.metrics.host, cfg.metrics.port)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, cfg.metrics.port)
         self.ready = True
@@ -144,6 +148,30 @@ class Daemon:
     def _on_sweep(self, result: SweepResult) -> None:
         self.reaper_status.update(result, time.time())
         self.write_status()
+
+    # -- NAT events: the event log, natctl -E (natd.events) -------------------------------------------
+    def _start_events(self) -> EventPump | None:
+        """The event pump runs whenever natd does (natctl -E needs it); without an event log a failure to
+        start it only costs natctl -E, with one it fails the start."""
+        assert self.tables is not None
+        try:
+            pump = EventPump.open(self.pin_dir, self.tables, self.config.log, self.config.instance)
+        except NatdError as exc:
+            if self.config.log.events is not None:
+                raise
+            log.warning("NAT events unavailable (natctl -E will not work): %s", exc)
+            return None
+        pump.start()
+        if self.config.log.events is not None:
+            log.info("NAT event log: %s%s", self.config.log.events,
+                     " (with destinations)" if self.config.log.log_destinations else "")
+        return pump
+
+    def _stop_events(self) -> None:
+        """After the reaper: its last DESTROY events are written before the pump ends."""
+        if self.events is not None:
+            self.events.stop()
+            self.events.join(timeout=10)
 
     # -- interfaces coming and going ------------------------------------------------------------------
     def _on_link(self, state: LinkState) -> None:
@@ -219,9 +247,13 @@ class Daemon:
             self.reaper.set_timeouts(new.conntrack.timeouts)
         except NatdError as exc:
             log.error("reload rejected, the running config stays: %s", exc)
+            if self.events is not None:
+                self.events.reconfigure(self.config.log)  # reopen the event log anyway (logrotate)
             self.notifier.ready(f"reload rejected: {exc}")
             return False
         self.config = new
+        if self.events is not None:
+            self.events.reconfigure(new.log)  # reopens the event log (logrotate), or switches it
         self.write_status()
         log.info("reloaded %s (digest %s)", self.config_path, new.digest()[:12])
         self.notifier.ready(f"reloaded: {len(rules.snat)} snat rules")
@@ -253,6 +285,7 @@ class Daemon:
         if self.reaper is not None:
             self.reaper.stop()
             self.reaper.join(timeout=10)
+        self._stop_events()
         if self.metrics_server is not None:
             for method in ("shutdown", "server_close"):  # close too, or the port stays bound
                 call = getattr(self.metrics_server, method, None)

@@ -14,12 +14,13 @@ import struct
 
 import numpy as np
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 5
 MAX_POOL = 256
 MAX_RULES = 1024
 MAX_IFACES = 64
 MAX_FORWARDS = 4096
 MAX_STATIC = 1024
+EVENTS_RING_BYTES = 1 << 20  # the nat_events ring buffer (ebpf/lib/maps.h)
 RULE_STATIC = 0xFFFFFFFE  # rule_id of flows made by a static 1:1 mapping
 RULE_FORWARD = 0xFFFFFFFF  # rule_id of flows opened through a port forward
 
@@ -94,15 +95,25 @@ class Stat(enum.IntEnum):
     DROP_PORT_EXHAUSTED = 21
     DROP_TABLE_FULL = 22
     DROP_FRAG_NEEDED_NO_DF = 23
-    CT_NEW = 24
-    CT_ESTABLISHED = 25
-    CT_CREATE_RACE = 26
-    ICMP_ERROR_IN = 27
-    ICMP_ERROR_OUT = 28
-    CT_NEW_INBOUND = 29
+    DROP_OUT_OF_WINDOW = 24
+    CT_NEW = 25
+    CT_ESTABLISHED = 26
+    CT_CREATE_RACE = 27
+    ICMP_ERROR_IN = 28
+    ICMP_ERROR_OUT = 29
+    CT_NEW_INBOUND = 30
+    HAIRPIN = 31
+    EVENTS_LOST = 32
 
 
 STAT_MAX = len(Stat)
+
+
+class NatEventType(enum.IntEnum):
+    """enum nat_event_type: NEW comes from the datapath (nat_events ring buffer), DESTROY from natd."""
+
+    NEW = 1
+    DESTROY = 2
 
 
 class _Struct(ctypes.Structure):
@@ -170,7 +181,7 @@ class CtEntry(_Struct):
         ("state", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
         ("rule_id", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("inside_ack", ctypes.c_uint32),
     ]
 
     @property
@@ -197,7 +208,7 @@ CT_KEY_DTYPE = np.dtype({
 })
 CT_ENTRY_DTYPE = np.dtype({
     "names": ["created_ns", "last_seen_ns", "packets_orig", "bytes_orig", "packets_reply", "bytes_reply",
-              "nat_addr", "nat_port", "state", "flags", "rule_id", "pad"],
+              "nat_addr", "nat_port", "state", "flags", "rule_id", "inside_ack"],
     "formats": [np.uint64, np.uint64, np.uint64, np.uint64, np.uint64, np.uint64,
                 np.uint32, np.uint16, np.uint8, np.uint8, np.uint32, np.uint32],
     "offsets": [0, 8, 16, 24, 32, 40, 48, 52, 54, 55, 56, 60],
@@ -238,6 +249,25 @@ class StatCounter(_Struct):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
+class NatEvent(_Struct):
+    """One nat_events record (natd.events decodes it)."""
+
+    _fields_ = [
+        ("time_ns", ctypes.c_uint64),
+        ("type", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("inside_addr", ctypes.c_uint32),
+        ("external_addr", ctypes.c_uint32),
+        ("remote_addr", ctypes.c_uint32),
+        ("inside_port", ctypes.c_uint16),
+        ("external_port", ctypes.c_uint16),
+        ("remote_port", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint16),
+    ]
+
+
 def reply_key_for(orig: CtKey, entry: CtEntry) -> CtKey:
     """The ct_reply key of a flow: the internet's view (remote -> external address/port)."""
     key = CtKey()
@@ -265,4 +295,6 @@ MAP_TYPES: dict[str, tuple[type[_Struct] | None, type[_Struct] | None]] = {
     "static_out": (None, None),       # be32 inside -> be32 outside
     "static_in": (None, None),        # be32 outside -> be32 inside
     "stats": (None, StatCounter),     # per-CPU, u32 index -> counter
+    "nat_events": (None, NatEvent),   # ring buffer of NatEvent records (no keys)
+    "event_ctl": (None, None),        # array[1]: u32 mask of 1 << NatEventType the datapath emits
 }

@@ -13,15 +13,22 @@ natd_port_allocation_errors_total          DROP_PORT_EXHAUSTED (CloudWatch Error
 natd_conntrack_create_races_total          CT_CREATE_RACE: another CPU created the same flow first
 natd_icmp_errors_translated_total{direction}  ICMP_ERROR_IN / ICMP_ERROR_OUT: ICMP errors about mapped flows
                                            translated to the inside host (in) or out to the internet (out)
+natd_hairpin_packets_total                 HAIRPIN: inside -> external address -> inside (RFC 4787 REQ-9)
 natd_packets_total / natd_bytes_total      see "Traffic directions" below
 natd_packets_dropped_total{reason}         every DROP_* counter; reason = the name without DROP_,
                                            lower-case (malformed, no_mapping, port_exhausted, ...)
 natd_packets_passed_total{reason}          every PASS_* counter, handed to the kernel untouched
 natd_xdp_verdicts_total{verdict}           XDP_ABORTED/DROP/PASS/TX/REDIRECT: aborted, drop, pass, tx,
                                            redirect
+natd_events_lost_total                     NAT events lost: EVENTS_LOST (the datapath's ring buffer was
+                                           full) + DESTROY events natd dropped (too many deleted flows
+                                           waiting for the event log), see natd.events
 natd_stats_read_success                    1 if the counters above could be read at this scrape, else 0
                                            (they are then left out; the others are still served)
 =========================================  ==========================================================
+
+From natd's event pump (natd.events), also at scrape time: natd_events_write_errors_total, events the
+event log could not take (unwritable file, disk full); 0 without an event log.
 
 Traffic directions, named after the AWS NAT gateway's CloudWatch metrics. "source" is the inside hosts,
 "destination" the internet; "in" is what natd received for translation, "out" what it sent on:
@@ -215,6 +222,15 @@ def config_port_ranges(config: Config) -> dict[str, tuple[int, int]]:
 # --- the collector ----------------------------------------------------------------------------------------
 
 
+class EventCounters(Protocol):
+    """What the collector reads of natd.events.EventPump."""
+
+    @property
+    def write_errors(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+
+
 class NatdCollector:
     """prometheus_client custom collector (register it in a CollectorRegistry, see build_registry).
 
@@ -224,7 +240,9 @@ class NatdCollector:
     """
 
     def __init__(self, tables: Tables, config: Config, status: ReaperStatus, *,
-                 port_ranges: PortRanges | None = None, version: str = __version__) -> None:
+                 port_ranges: PortRanges | None = None, version: str = __version__,
+                 events: EventCounters | None = None) -> None:
+        self._events = events
         self._tables = tables
         self._config = config
         self._status = status
@@ -277,6 +295,10 @@ class NatdCollector:
         yield ok
         if totals is not None:
             yield from self._counters(totals)
+        yield CounterMetricFamily("natd_events_write_errors_total",
+                                  "NAT events the event log (log.events) could not take: the file could not "
+                                  "be opened or written (permissions, missing directory, disk full).",
+                                  value=self._events.write_errors if self._events is not None else 0)
 
     def _build_info(self) -> Metric:
         info = GaugeMetricFamily("natd_build_info", "natd version; the value is always 1.",
@@ -364,6 +386,9 @@ class NatdCollector:
         icmp.add_metric(["in"], packets(Stat.ICMP_ERROR_IN))
         icmp.add_metric(["out"], packets(Stat.ICMP_ERROR_OUT))
         yield icmp
+        yield CounterMetricFamily("natd_hairpin_packets_total",
+                                  "Packets from an inside host to an external address of this NAT, "
+                                  "translated out and back in (hairpinning).", value=packets(Stat.HAIRPIN))
         pkts = CounterMetricFamily("natd_packets_total",
                                    "Packets natd received for translation (direction=in) and sent on "
                                    "translated (direction=out), from/to the inside hosts (side=source) or "
@@ -382,6 +407,11 @@ class NatdCollector:
                               "Packets handed to the kernel untouched, by reason.", "reason", _PASSES, totals)
         yield self._by_reason("natd_xdp_verdicts_total", "XDP verdicts returned, by verdict.", "verdict",
                               _VERDICTS, totals)
+        dropped = self._events.dropped if self._events is not None else 0
+        yield CounterMetricFamily("natd_events_lost_total",
+                                  "NAT events lost before natd could log them: the datapath's ring buffer "
+                                  "was full, or too many deleted flows waited for their DESTROY events.",
+                                  value=packets(Stat.EVENTS_LOST) + dropped)
 
     @staticmethod
     def _by_reason(name: str, documentation: str, label: str, stats: Iterable[Stat],

@@ -8,44 +8,56 @@ longer than the timeout of its protocol and state (``Timeouts.for_state(proto, s
 
 One sweep (:meth:`Reaper.sweep`):
 
-1. read ct_reply (:meth:`Tables.reply_index`), THEN ct_orig (:meth:`Tables.flows`), each with batch
-   lookups. The order matters for orphans, see 4.
-2. find the expired flows in that snapshot.
+1. read ct_reply (:meth:`Tables.reply_table`), THEN ct_orig (:meth:`Tables.flow_table`), each with batch
+   lookups into one buffer, viewed as numpy structured arrays (natd.tables.FlowTable, ReplyTable). The
+   order matters for orphans, see 4.
+2. find the expired flows in that snapshot, vectorised: a table of deadlines indexed by
+   (proto, state, replied) is built once per sweep from the timeouts, and one comparison against
+   ``last_seen_ns`` marks every expired row. The counts of the result (flows per state, per external
+   address) come from ``np.bincount`` / ``np.unique`` on the same columns. Python objects (CtKey,
+   CtEntry) are built only for the expired flows.
 3. re-check each expired flow against the live map and delete (both halves) only those that are still
    expired. A flow that saw a packet after the snapshot was read survives.
 4. delete orphaned reply entries: a reply whose original key is missing from the ct_orig read (which
-   came after the ct_reply read). The datapath inserts the reply half first, then the original, within
-   one XDP run, so a flow being created while we read has its original in the later ct_orig read. The
-   other way a reply can be briefly alone is a create that fails (table full: the datapath removes the
-   reply again microseconds later); deleting such a transient entry *by key* could instead hit the same
-   key re-claimed by a new flow in the meantime. So a reply is deleted only when it is seen orphaned,
-   with the same original key, in two consecutive sweeps (and, when the table supports it, its original
-   is looked up once more right before): a real orphan cannot be re-claimed, because its key is taken.
+   came after the ct_reply read; matched with :func:`natd.tables.key_index`, exact, in numpy). The
+   datapath inserts the reply half first, then the original, within one XDP run, so a flow being created
+   while we read has its original in the later ct_orig read. The other way a reply can be briefly alone
+   is a create that fails (table full: the datapath removes the reply again microseconds later); deleting
+   such a transient entry *by key* could instead hit the same key re-claimed by a new flow in the
+   meantime. So a reply is deleted only when it is seen orphaned, with the same original key, in two
+   consecutive sweeps (and, when the table supports it, its original is looked up once more right
+   before): a real orphan cannot be re-claimed, because its key is taken.
 
 Re-check cost (step 3), the trade-off
 -------------------------------------
 Re-checking key by key is exact up to a few milliseconds (a chunk of ``RECHECK_CHUNK`` = 1024 lookups is
 deleted right after it was checked) but costs one syscall per expired flow, ~4 us. Re-reading the whole
-table costs one more :meth:`Tables.flows` whatever the number of expired flows, but a flow refreshed
+table costs one more :meth:`Tables.flow_table` whatever the number of expired flows, but a flow refreshed
 between that re-read and its delete (up to the length of the re-read plus the deletes) is lost. The
 reaper picks per sweep:
 
 * per key, when ``Tables.lookup_flow`` exists and the expired flows number at most
   ``RECHECK_LOOKUP_MAX`` (65536, ~0.26 s), or their lookups (``LOOKUP_COST_S`` each) would take no
-  longer than this sweep's own :meth:`Tables.flows` read did;
-* otherwise (mass expiry after a SYN flood with a fast table read, or a Tables without ``lookup_flow``):
-  one more :meth:`Tables.flows`, then batch deletes of what is still expired in it, ``DELETE_CHUNK`` at a
-  time.
+  longer than this sweep's own :meth:`Tables.flow_table` read did;
+* otherwise (mass expiry after a SYN flood, or a Tables without ``lookup_flow``): one more
+  :meth:`Tables.flow_table`, matched against the expired flows in numpy, then batch deletes of what is
+  still expired in it, ``DELETE_CHUNK`` at a time.
 
 So the re-check never costs more than max(0.26 s, one table read), and prefers the exact method whenever
-it is not the more expensive one. Measured on the dev box (1M ct_orig entries, BCC-created pinned map):
-the raw batch lookup takes 0.8 s, :meth:`PinnedTables.flows` with its ctypes objects 4.3 s, one
-``lookup_flow`` 3.4 us, this module's scan of the snapshot 0.4 s. With those numbers per-key always wins.
+it is not the more expensive one. bench/README.md has the measured costs (1M flows: a table read is
+~0.1-0.2 s, so a mass expiry of more than ~65536 flows takes the re-read path).
 
 Nothing is deleted that was refreshed before its re-check. No user-space reaper can close the last window
 (a packet between the re-check and the delete syscall) without a compare-and-delete in the kernel; idle
 timeouts are seconds to hours, so that window is the race every conntrack has between its timer and a
 late packet.
+
+The deleted flows are handed to ``on_delete`` (the NAT event log's hook), one call per deleted chunk, as
+the entry was when re-checked (its final counters), after the sweep has released its lock.
+
+Threads and the GIL: the syscalls (batch reads, lookups, deletes) and the numpy work release the GIL, so
+a sweep of a million flows holds it for a few milliseconds at a time at most; the daemon's main loop
+(signals, sd_notify watchdog) and the metrics server keep running while it works.
 
 :class:`ReaperThread` runs sweeps off the daemon's main thread (signals, sd_notify watchdog, metrics) and
 never lets an exception out: a failed sweep is logged, counted and retried at the next interval.
@@ -56,13 +68,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar, cast
+from typing import Protocol, cast
+
+import numpy as np
+import numpy.typing as npt
 
 from natd.errors import NatdError
-from natd.maps import PROTO_NAMES, PROTO_TCP, CtEntry, CtFlags, CtKey, CtState, be32_to_ip
-from natd.tables import Flow, Tables
+from natd.maps import (
+    PROTO_NAMES,
+    PROTO_TCP,
+    CtEntry,
+    CtFlags,
+    CtKey,
+    CtState,
+    be32_to_ip,
+)
+from natd.tables import Flow, FlowTable, ReplyTable, Tables, key_index
 
 __all__ = [
     "DEFAULT_INTERVAL_S",
@@ -70,11 +93,13 @@ __all__ = [
     "LOOKUP_COST_S",
     "RECHECK_CHUNK",
     "RECHECK_LOOKUP_MAX",
+    "OnDelete",
     "Reaper",
     "ReaperThread",
     "SweepResult",
     "TimeoutPolicy",
     "expired",
+    "expired_mask",
     "state_label",
 ]
 
@@ -84,13 +109,18 @@ DEFAULT_INTERVAL_S = 5.0
 RECHECK_LOOKUP_MAX = 65536   # expired flows re-checked key by key regardless of the table size (~0.26 s)
 LOOKUP_COST_S = 4e-6         # one lookup_flow() syscall, for the per-key vs re-read decision
 RECHECK_CHUNK = 1024         # keys looked up, then deleted together: the refresh window is one chunk
-DELETE_CHUNK = 8192          # flows per delete_flows() call on the re-read path
+DELETE_CHUNK = 8192          # flows per delete_flow_table() call on the re-read path
 _REPLIED = int(CtFlags.REPLIED)
 _NS = 1_000_000_000
+_U64_MAX = (1 << 64) - 1
 _ERROR_LOG_EVERY_S = 60.0    # a failure that repeats identically is logged again after this long
 
-_T = TypeVar("_T")
+# A flow's label (what its timeout depends on) packed in one integer: proto << 9 | state << 1 | replied.
+_NLABELS = 1 << 17
+
 _Label = tuple[int, int, int]  # (proto, state, replied 0/1): what the timeout depends on
+OnDelete = Callable[[Sequence[Flow]], None]
+_IntArray = npt.NDArray[np.intp]
 
 
 class TimeoutPolicy(Protocol):
@@ -137,6 +167,19 @@ def state_label(proto: int, state: int, flags: int) -> tuple[str, str]:
     return name, "replied" if flags & _REPLIED else "unreplied"
 
 
+def _unpack_label(label: int) -> _Label:
+    return label >> 9, (label >> 1) & 0xFF, label & 1
+
+
+def _labels(table: FlowTable) -> _IntArray:
+    """Every row's label, packed (see _NLABELS)."""
+    k, e = table.keys, table.entries
+    labels: _IntArray = k["proto"].astype(np.intp) << 9
+    labels |= e["state"].astype(np.intp) << 1
+    labels |= e["flags"] & _REPLIED
+    return labels
+
+
 class _Deadlines:
     """Timeouts in ns per (proto, state, replied), computed once per sweep instead of once per flow."""
 
@@ -178,6 +221,21 @@ class _Deadlines:
         idle: int = now_ns - entry.last_seen_ns
         return idle > self.timeout_ns((key.proto, entry.state, entry.flags & _REPLIED))
 
+    def expired_mask(self, table: FlowTable, now_ns: int,
+                     labels: _IntArray | None = None) -> npt.NDArray[np.bool_]:
+        """Per row: idle for longer than its timeout at ``now_ns``. The same rule as :meth:`is_expired`
+        (``now - last_seen > timeout``), as ``last_seen < now - timeout`` with that threshold looked up
+        per label and clamped to [0, 2**64): exact for every u64 ``last_seen_ns``."""
+        if labels is None:
+            labels = _labels(table)
+        present: list[int] = np.flatnonzero(np.bincount(labels, minlength=_NLABELS)).tolist()
+        threshold = np.zeros(_NLABELS, dtype=np.uint64)
+        for label in present:
+            limit = now_ns - self.timeout_ns(_unpack_label(label))
+            threshold[label] = min(max(limit, 0), _U64_MAX)
+        mask: npt.NDArray[np.bool_] = table.entries["last_seen_ns"] < np.take(threshold, labels)
+        return mask
+
 
 @dataclass
 class _Scan:
@@ -187,7 +245,7 @@ class _Scan:
 
 
 def _scan(flows: Sequence[Flow], now_ns: int, deadlines: _Deadlines) -> _Scan:
-    """One pass over the snapshot: expired flows, and live counts per label and external address."""
+    """One pass over a list of flows, one at a time: the reference the vectorised sweep is tested against."""
     out = _Scan()
     counts, ports, found, cache = out.counts, out.ports, out.expired, deadlines.ns
     for flow in flows:
@@ -208,32 +266,69 @@ def expired(flows: Sequence[Flow], now_ns: int, timeouts: TimeoutPolicy) -> list
     """The flows idle for longer than their timeout at ``now_ns`` (CLOCK_MONOTONIC ns). Pure.
 
     Idle means ``now_ns - last_seen_ns``; a flow exactly at its timeout is still alive. A protocol/state
-    ``timeouts`` does not know gets the longest configured timeout (and a warning).
+    ``timeouts`` does not know gets the longest configured timeout (and a warning). One flow at a time:
+    :func:`expired_mask` is the same rule for a whole :class:`~natd.tables.FlowTable` at once.
     """
     return _scan(flows, now_ns, _Deadlines(timeouts, log, set())).expired
 
 
-def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def expired_mask(table: FlowTable, now_ns: int, timeouts: TimeoutPolicy) -> npt.NDArray[np.bool_]:
+    """:func:`expired` for every row of ``table`` at once (numpy): True where the flow is expired."""
+    return _Deadlines(timeouts, log, set()).expired_mask(table, now_ns)
 
 
-def _label_of(key: CtKey, entry: CtEntry) -> _Label:
-    return key.proto, entry.state, entry.flags & _REPLIED
+@dataclass
+class _Deleted:
+    """What one sweep deleted: the flows (as re-checked) per delete call, and, per deleted flow, its label
+    and external address in the first snapshot (to take it out of that snapshot's counts)."""
+
+    chunks: list[FlowTable] = field(default_factory=list)
+    old_rows: list[_IntArray] = field(default_factory=list)  # rows of the first snapshot
+
+    def add(self, flows: FlowTable, old_rows: _IntArray) -> None:
+        if len(flows):
+            self.chunks.append(flows)
+            self.old_rows.append(old_rows)
+
+    def rows(self) -> _IntArray:
+        return np.concatenate(self.old_rows) if self.old_rows else np.zeros(0, dtype=np.intp)
+
+
+def _label_counts(labels: _IntArray) -> dict[tuple[str, str], int]:
+    """state_label() -> number of rows, from packed labels."""
+    out: dict[tuple[str, str], int] = {}
+    if not len(labels):
+        return out
+    counts = np.bincount(labels, minlength=_NLABELS)
+    for label in np.flatnonzero(counts).tolist():
+        proto, state, replied = _unpack_label(label)
+        lbl = state_label(proto, state, replied)
+        out[lbl] = out.get(lbl, 0) + int(counts[label])
+    return out
 
 
 class Reaper:
     """Expires flows from a :class:`~natd.tables.Tables`. Not thread-safe beyond one sweep at a time
-    (a lock enforces that); :meth:`set_timeouts` may be called from any thread."""
+    (a lock enforces that); :meth:`set_timeouts` may be called from any thread.
+
+    ``on_sweep`` gets every successful sweep's :class:`SweepResult`; ``on_delete`` gets the flows the
+    sweep deleted, one call per delete chunk (a :class:`~natd.tables.FlowTable`: a Sequence[Flow] whose
+    objects are built only if the callback looks, with numpy columns for one that wants them), each entry
+    as it was when re-checked. Both are called after the sweep let go of its lock, from the sweeping
+    thread; what they raise is logged, never passed on. ``on_delete`` is called also when the sweep fails
+    half way, for what it had deleted until then.
+    """
 
     def __init__(self, tables: Tables, timeouts: TimeoutPolicy,
                  clock: Callable[[], int] = time.monotonic_ns,
                  on_sweep: Callable[[SweepResult], None] | None = None,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None,
+                 on_delete: OnDelete | None = None) -> None:
         self._tables = tables
         self._timeouts = timeouts
         self._clock = clock
         self._on_sweep = on_sweep
+        self._on_delete = on_delete
         self._log = logger or log
         self._lock = threading.Lock()
         self._warned: set[_Label] = set()
@@ -250,8 +345,12 @@ class Reaper:
 
     def sweep(self) -> SweepResult:
         """One full pass (see the module docstring). Raises what the tables raise (BpfError...)."""
-        with self._lock:
-            result = self._sweep()
+        deleted = _Deleted()
+        try:
+            with self._lock:
+                result = self._sweep(deleted)
+        finally:
+            self._report_deleted(deleted.chunks)
         self._log.debug("swept %d flows: reaped %d (kept %d refreshed, re-check %s), orphans %d deleted, "
                         "%d pending, in %.3f s", result.scanned, result.reaped, result.refreshed,
                         result.recheck, result.orphans, result.orphans_pending, result.duration_s)
@@ -262,118 +361,115 @@ class Reaper:
                 self._log.exception("on_sweep callback failed (the sweep itself succeeded)")
         return result
 
+    def _report_deleted(self, chunks: list[FlowTable]) -> None:
+        if self._on_delete is None:
+            return
+        for chunk in chunks:
+            try:
+                self._on_delete(chunk)
+            except Exception:
+                self._log.exception("on_delete callback failed for %d deleted flows (they are deleted)",
+                                    len(chunk))
+
     # -- the pass ---------------------------------------------------------------------------------
-    def _sweep(self) -> SweepResult:
+    def _sweep(self, deleted: _Deleted) -> SweepResult:
         started = time.monotonic()
         deadlines = _Deadlines(self._timeouts, self._log, self._warned)
-        replies = self._tables.reply_index()  # first: see "orphans" in the module docstring
+        replies = self._tables.reply_table()  # first: see "orphans" in the module docstring
         now = self._clock()  # before the read: an entry stamped during it is never older than it looks
         read_started = time.monotonic()
-        flows = self._tables.flows()
+        table = self._tables.flow_table()
         read_s = time.monotonic() - read_started
-        scan = _scan(flows, now, deadlines)
+        labels = _labels(table)
+        candidates = np.flatnonzero(deadlines.expired_mask(table, now, labels))
 
-        deleted: list[tuple[CtKey, CtEntry, CtEntry]] = []  # (key, entry as first read, entry deleted)
         reaped, refreshed, recheck = 0, 0, "none"
-        if scan.expired:
-            recheck, reaped, refreshed = self._delete_expired(scan.expired, read_s, deadlines, deleted)
-        orphans, pending = self._delete_orphans(replies, flows)
+        if len(candidates):
+            recheck, reaped, refreshed = self._delete_expired(table, candidates, read_s, deadlines, deleted)
+        orphans, pending = self._delete_orphans(replies, table)
 
-        by_state: dict[tuple[str, str], int] = {}
-        for key, old, new in deleted:
-            lbl = state_label(key.proto, new.state, new.flags)
-            by_state[lbl] = by_state.get(lbl, 0) + 1
-            first = _label_of(key, old)
-            scan.counts[first] -= 1
-            scan.ports[old.nat_addr] -= 1
-        entries_by_state: dict[tuple[str, str], int] = {}
-        for (proto, state, replied), n in scan.counts.items():
-            if n > 0:
-                lbl = state_label(proto, state, replied)
-                entries_by_state[lbl] = entries_by_state.get(lbl, 0) + n
-        ports_in_use = {str(be32_to_ip(addr)): n for addr, n in scan.ports.items() if n > 0}
-        return SweepResult(scanned=len(flows), reaped=reaped, orphans=orphans,
+        # what the first snapshot saw, less what this sweep deleted (counted as it was then)
+        gone = deleted.rows()
+        live = np.ones(len(table), dtype=np.bool_)
+        live[gone] = False
+        entries_by_state = _label_counts(labels[live])
+        addrs, counts = np.unique(table.entries["nat_addr"][live], return_counts=True)
+        ports_in_use = {str(be32_to_ip(int(a))): int(n) for a, n in zip(addrs, counts, strict=True)}
+        by_state = _label_counts(np.concatenate([_labels(c) for c in deleted.chunks])
+                                 if deleted.chunks else np.zeros(0, dtype=np.intp))
+        return SweepResult(scanned=len(table), reaped=reaped, orphans=orphans,
                            duration_s=time.monotonic() - started, by_state=by_state,
                            entries_by_state=entries_by_state, ports_in_use=ports_in_use,
                            refreshed=refreshed, orphans_pending=pending, replies_scanned=len(replies),
                            recheck=recheck)
 
-    def _delete_expired(self, candidates: list[Flow], read_s: float, deadlines: _Deadlines,
-                        deleted: list[tuple[CtKey, CtEntry, CtEntry]]) -> tuple[str, int, int]:
-        """Re-check the snapshot's expired flows against the live map and delete those still expired.
-        ``read_s``: how long this sweep's flows() took, the price of a re-read. Appends what it deleted
-        to ``deleted``; returns (method, flows deleted, flows found refreshed)."""
-        lookup = cast("_LookupFlow | None", getattr(self._tables, "lookup_flow", None))
-        if lookup is not None and (len(candidates) <= RECHECK_LOOKUP_MAX
-                                   or len(candidates) * LOOKUP_COST_S <= read_s):
-            reaped, refreshed = self._recheck_by_lookup(candidates, lookup, deadlines, deleted)
+    def _delete_expired(self, table: FlowTable, candidates: _IntArray, read_s: float,
+                        deadlines: _Deadlines, deleted: _Deleted) -> tuple[str, int, int]:
+        """Re-check the snapshot's expired flows (rows ``candidates`` of ``table``) against the live map and
+        delete those still expired. ``read_s``: how long this sweep's flow_table() took, the price of a
+        re-read. Returns (method, flows deleted, flows found refreshed)."""
+        # a Tables may set lookup_flow to None: it cannot look keys up, only re-read
+        can_lookup = getattr(self._tables, "lookup_flow", None) is not None
+        n = len(candidates)
+        if can_lookup and (n <= RECHECK_LOOKUP_MAX or n * LOOKUP_COST_S <= read_s):
+            reaped, refreshed = self._recheck_by_lookup(table, candidates, deadlines, deleted)
             return "lookup", reaped, refreshed
-        reaped, refreshed = self._recheck_by_reread(candidates, deadlines, deleted)
+        reaped, refreshed = self._recheck_by_reread(table, candidates, deadlines, deleted)
         return "reread", reaped, refreshed
 
-    def _recheck_by_lookup(self, candidates: list[Flow], lookup: _LookupFlow, deadlines: _Deadlines,
-                           deleted: list[tuple[CtKey, CtEntry, CtEntry]]) -> tuple[int, int]:
+    def _recheck_by_lookup(self, table: FlowTable, candidates: _IntArray, deadlines: _Deadlines,
+                           deleted: _Deleted) -> tuple[int, int]:
         reaped = refreshed = 0
-        for chunk in _chunks(candidates, RECHECK_CHUNK):
+        for start in range(0, len(candidates), RECHECK_CHUNK):
+            rows = candidates[start:start + RECHECK_CHUNK]
+            keys = np.take(table.keys, rows)
             now = self._clock()
-            batch: list[Flow] = []
-            olds: list[CtEntry] = []
-            for key, old in chunk:
-                current = lookup(key)
-                if current is None:  # deleted by someone else (natctl flush): nothing to do
-                    continue
-                if deadlines.is_expired(key, current, now):
-                    batch.append((key, current))
-                    olds.append(old)
-                else:
-                    refreshed += 1
-            if batch:
-                # The entry just looked up, not the snapshot's: its reply key is the one in the map now.
-                reaped += self._tables.delete_flows(batch)
-                deleted.extend((key, old, new) for (key, new), old in zip(batch, olds, strict=True))
+            # a row not found was deleted by someone else (natctl flush): nothing to do
+            found, current = self._tables.lookup_flows(keys)
+            still = found & deadlines.expired_mask(FlowTable(keys, current), now)
+            refreshed += int(np.count_nonzero(found)) - int(np.count_nonzero(still))
+            if not still.any():
+                continue
+            # The entry just looked up, not the snapshot's: its reply key is the one in the map now.
+            batch = FlowTable(keys[still], current[still])
+            done = self._tables.delete_flow_table(batch)
+            reaped += int(np.count_nonzero(done))
+            deleted.add(batch.take(done), rows[still][done])
         return reaped, refreshed
 
-    def _recheck_by_reread(self, candidates: list[Flow], deadlines: _Deadlines,
-                           deleted: list[tuple[CtKey, CtEntry, CtEntry]]) -> tuple[int, int]:
-        wanted = {bytes(key): entry for key, entry in candidates}
+    def _recheck_by_reread(self, table: FlowTable, candidates: _IntArray, deadlines: _Deadlines,
+                           deleted: _Deleted) -> tuple[int, int]:
         now = self._clock()
-        fresh = self._tables.flows()
-        batch: list[Flow] = []
-        olds: list[CtEntry] = []
-        refreshed = 0
-        for key, current in fresh:
-            old = wanted.get(bytes(key))
-            if old is None:
-                continue
-            if deadlines.is_expired(key, current, now):
-                batch.append((key, current))
-                olds.append(old)
-            else:
-                refreshed += 1
+        fresh = self._tables.flow_table()
+        # for each expired flow of the snapshot, its row in the re-read (-1: gone meanwhile)
+        at = key_index(fresh.keys, np.take(table.keys, candidates))
+        found = at >= 0
+        still = fresh.take(at[found])
+        old_rows = candidates[found]
+        expired_now = deadlines.expired_mask(still, now)
+        refreshed = len(still) - int(np.count_nonzero(expired_now))
+        batch, old_rows = still.take(expired_now), old_rows[expired_now]
         reaped = 0
         for start in range(0, len(batch), DELETE_CHUNK):
             part = batch[start:start + DELETE_CHUNK]
-            reaped += self._tables.delete_flows(part)
-            deleted.extend((key, old, new) for (key, new), old in
-                           zip(part, olds[start:start + DELETE_CHUNK], strict=True))
+            done = self._tables.delete_flow_table(part)
+            reaped += int(np.count_nonzero(done))
+            deleted.add(part.take(done), old_rows[start:start + DELETE_CHUNK][done])
         return reaped, refreshed
 
-    def _delete_orphans(self, replies: Sequence[tuple[CtKey, CtKey]],
-                        flows: Sequence[Flow]) -> tuple[int, int]:
+    def _delete_orphans(self, replies: ReplyTable, table: FlowTable) -> tuple[int, int]:
         """Delete replies orphaned in this sweep and the previous one; returns (deleted, newly pending)."""
-        if not replies:
+        if not len(replies):
             self._pending_orphans = {}
             return 0, 0
-        present = {bytes(key) for key, _ in flows}
+        orphaned = np.flatnonzero(key_index(table.keys, replies.origs) < 0)
         seen: dict[bytes, bytes] = {}
-        confirmed: list[tuple[CtKey, CtKey]] = []
-        for reply_key, orig_key in replies:
-            orig = bytes(orig_key)
-            if orig in present:
-                continue
-            rk = bytes(reply_key)
+        confirmed: list[tuple[bytes, bytes]] = []
+        reply_keys, orig_keys = replies.keys.view("V16"), replies.origs.view("V16")
+        for row in orphaned.tolist():
+            rk, orig = reply_keys[row].tobytes(), orig_keys[row].tobytes()
             if self._pending_orphans.get(rk) == orig:
-                confirmed.append((reply_key, orig_key))
+                confirmed.append((rk, orig))
             else:
                 seen[rk] = orig
         self._pending_orphans = seen
@@ -381,8 +477,9 @@ class Reaper:
             return 0, len(seen)
         lookup = cast("_LookupFlow | None", getattr(self._tables, "lookup_flow", None))
         if lookup is not None and len(confirmed) <= RECHECK_LOOKUP_MAX:
-            confirmed = [(rk, ok) for rk, ok in confirmed if lookup(ok) is None]
-        deleted = self._tables.delete_replies([rk for rk, _ in confirmed]) if confirmed else 0
+            confirmed = [(rk, ok) for rk, ok in confirmed if lookup(CtKey.from_buffer_copy(ok)) is None]
+        deleted = (self._tables.delete_replies([CtKey.from_buffer_copy(rk) for rk, _ in confirmed])
+                   if confirmed else 0)
         if deleted:
             self._log.info("deleted %d orphaned conntrack reply entries (their flow was gone)", deleted)
         return deleted, len(seen)
@@ -398,12 +495,14 @@ class ReaperThread(threading.Thread):
                  clock: Callable[[], int] = time.monotonic_ns,
                  on_sweep: Callable[[SweepResult], None] | None = None,
                  on_error: Callable[[Exception], None] | None = None,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None,
+                 on_delete: OnDelete | None = None) -> None:
         super().__init__(name="natd-reaper", daemon=True)
         if interval <= 0:
             raise ValueError(f"reaper interval must be positive, got {interval}")
         self._log = logger or log
-        self.reaper = Reaper(tables, timeouts, clock=clock, on_sweep=on_sweep, logger=self._log)
+        self.reaper = Reaper(tables, timeouts, clock=clock, on_sweep=on_sweep, logger=self._log,
+                             on_delete=on_delete)
         self.interval = interval
         self._on_error = on_error
         self._stop_event = threading.Event()

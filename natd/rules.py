@@ -77,22 +77,31 @@ def build_ruleset(config: Config, outside_addr: ipaddress.IPv4Address | None,
                     f"{rule.ports}; rules sharing an external address must use the same port range",
                     key=f"snat[{rule_id}].ports")
             ext[addr] = (rule.ports.lo, rule.ports.hi)
-    forwards = []
+    forwards: list[ForwardEntry] = []
+    seen: dict[tuple[ipaddress.IPv4Address, int, int], int] = {}
     for i, fwd in enumerate(config.forward):
         fwd_addr = fwd.address or outside_addr
         if fwd_addr is None:
             raise ConfigError(f"forward[{i}] has no 'address' and the outside interface {config.outside} has "
                               f"no IPv4 address; add one to {config.outside} or give the forward 'address'",
                               key=f"forward[{i}].address")
+        # the config check compares addresses as written; here the outside address is known
+        slot = (fwd_addr, PROTO_NUMBERS[fwd.proto], fwd.port)
+        if slot in seen:
+            raise ConfigError(f"{fwd.proto} port {fwd.port} on {fwd_addr} is already forwarded by "
+                              f"forward[{seen[slot]}] (one of them names the outside interface's address "
+                              f"implicitly)", key=f"forward[{i}].port")
+        seen[slot] = i
         forwards.append(ForwardEntry(fwd_addr, fwd.port, PROTO_NUMBERS[fwd.proto], fwd.inside_addr,
                                      fwd.inside_port))
         ext.setdefault(fwd_addr, NO_NAT_PORTS)
     statics = []
     for i, st in enumerate(config.static):
-        if st.outside in ext:
+        if st.outside in ext or st.outside == outside_addr:
             raise ConfigError(f"static[{i}].outside {st.outside} is also used by snat or a port forward "
-                              f"(the outside interface's address?); a static address must belong to one "
-                              f"inside host alone", key=f"static[{i}].outside")
+                              f"or is the outside interface's address; a static address must belong to one "
+                              f"inside host alone (every port of it, the gateway's own traffic included)",
+                              key=f"static[{i}].outside")
         ext[st.outside] = ALL_PORTS
         statics.append((st.inside, st.outside))
     if len(pool) > MAX_POOL:

@@ -11,13 +11,14 @@
 
 #include <linux/types.h>
 
-#define NATD_LAYOUT_VERSION 3
+#define NATD_LAYOUT_VERSION 5
 
 #define NATD_MAX_POOL 256      /* external addresses over all rules */
 #define NATD_MAX_RULES 1024    /* snat rules (LPM entries) */
 #define NATD_MAX_IFACES 64
 #define NATD_MAX_FORWARDS 4096 /* port forwards */
 #define NATD_MAX_STATIC 1024   /* static 1:1 mappings */
+#define NATD_EVENTS_RING_BYTES (1 << 20) /* nat_events ring buffer: ~26000 events of 40 bytes */
 
 /* rule_id of flows not created by an snat rule */
 #define NATD_RULE_STATIC 0xfffffffeu
@@ -74,7 +75,7 @@ struct ct_entry {
 	__u8 state;               /* enum ct_state */
 	__u8 flags;               /* enum ct_flags */
 	__u32 rule_id;            /* snat rule that created it */
-	__u32 pad;
+	__u32 inside_ack;         /* last TCP ACK number the inside host sent (host order; 0: none yet) */
 };
 
 /* Value of ct_reply: points back at the original key, so both halves share one entry. */
@@ -153,6 +154,7 @@ enum natd_stat {
 	STAT_DROP_PORT_EXHAUSTED,
 	STAT_DROP_TABLE_FULL,
 	STAT_DROP_FRAG_NEEDED_NO_DF, /* too big, no DF: forwarding it untranslated would leak */
+	STAT_DROP_OUT_OF_WINDOW,  /* a RST from the internet outside the inside host's window */
 	/* conntrack events */
 	STAT_CT_NEW,
 	STAT_CT_ESTABLISHED,
@@ -160,7 +162,35 @@ enum natd_stat {
 	STAT_ICMP_ERROR_IN,       /* ICMP error for a mapped flow, translated to the inside host */
 	STAT_ICMP_ERROR_OUT,      /* ICMP error from an inside host about a mapped flow, translated out */
 	STAT_CT_NEW_INBOUND,      /* flows opened from the internet through a port forward or static NAT */
+	STAT_HAIRPIN,             /* inside -> external address -> inside, translated both ways */
+	STAT_EVENTS_LOST,         /* NAT events not queued: the nat_events ring buffer was full */
 	STAT_MAX,
+};
+
+/* NAT events (RFC 6888 REQ-12 logging, natctl -E). The datapath emits NEW when it creates a flow
+ * (ebpf/lib/events.h, into the nat_events ring buffer); natd emits DESTROY itself when a flow is deleted
+ * (the reaper, natctl -D/-F). event_ctl[0] holds the types the datapath emits, as a mask of 1 << type. */
+enum nat_event_type {
+	NAT_EVENT_NEW = 1,
+	NAT_EVENT_DESTROY = 2,
+};
+
+/* One record of nat_events. Addresses and ports in network byte order, like ct_key; for ICMP echo the
+ * inside and external ports are the identifier and remote_port is 0. The tuple is the ct_orig key's
+ * (inside -> remote) also for flows opened from the internet (flags has CT_F_INBOUND). */
+struct nat_event {
+	__u64 time_ns;            /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, natd converts it to wall-clock */
+	__u8 type;                /* enum nat_event_type */
+	__u8 proto;
+	__u8 flags;               /* enum ct_flags of the flow */
+	__u8 pad;
+	__be32 inside_addr;
+	__be32 external_addr;
+	__be32 remote_addr;
+	__be16 inside_port;
+	__be16 external_port;
+	__be16 remote_port;
+	__u16 pad2;
 };
 
 #endif /* NATD_ABI_H */

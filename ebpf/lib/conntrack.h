@@ -72,6 +72,26 @@ static __always_inline void ct_update(struct ct_entry *e, const struct tcphdr *t
 		ct_tcp_update(e, tcp, dir);
 }
 
+/* Remember where the inside host's receive window starts (its last ACK), for ct_rst_acceptable(). */
+static __always_inline void ct_track_inside_ack(struct ct_entry *e, const struct tcphdr *tcp)
+{
+	if (tcp && tcp->ack)
+		e->inside_ack = bpf_ntohl(tcp->ack_seq);
+}
+
+/* RFC 5961 §3 in spirit (what conntrack's window tracking gives netfilter): a RST from the internet
+ * counts only if its sequence number falls near what the inside host expects (its last ACK), else
+ * anyone who guesses a 4-tuple could tear the mapping down. natd does not track the advertised window,
+ * so it accepts 64 KiB behind and CT_RST_WINDOW ahead of that ACK. */
+#define CT_RST_BEHIND (1u << 16)
+#define CT_RST_WINDOW (1u << 20)
+static __always_inline int ct_rst_acceptable(const struct ct_entry *e, const struct tcphdr *tcp)
+{
+	if (!e->inside_ack)
+		return 1;
+	return (__u32)(bpf_ntohl(tcp->seq) - e->inside_ack + CT_RST_BEHIND) < CT_RST_WINDOW + CT_RST_BEHIND;
+}
+
 /* The state a new flow starts in: only a SYN opens a TCP connection; a flow picked up mid-stream
  * (say, after the table was flushed) is taken as established, like conntrack's tcp_loose. */
 static __always_inline __u8 ct_initial_state(const struct tcphdr *tcp)

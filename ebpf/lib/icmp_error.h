@@ -136,9 +136,10 @@ static __always_inline int icmp_error_in(struct xdp_md *ctx, struct hdr_cursor *
 	rk.proto = q.ip->protocol;
 	rv = q.ip->saddr == ip->daddr ? ct_reply.lookup(&rk) : NULL;
 	if (!rv || !ct_orig.lookup(&rv->orig)) {
-		/* about the gateway's own traffic (outside the NAT ports): the kernel's business */
+		/* about the gateway's own traffic (outside the NAT ports, or its own pings, whose identifiers
+		 * can be anything): the kernel's business */
 		port = bpf_ntohs(*q.sport);
-		if (q.ip->protocol != IPPROTO_ICMP && (port < ext->port_min || port > ext->port_max))
+		if (q.ip->protocol == IPPROTO_ICMP || port < ext->port_min || port > ext->port_max)
 			return verdict(ctx, XDP_PASS, STAT_PASS_ICMP_OTHER);
 		return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
 	}

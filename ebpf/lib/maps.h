@@ -36,4 +36,26 @@ BPF_TABLE_PINNED("hash", __be32, __be32, static_in, NATD_MAX_STATIC, NATD_PIN_DI
 BPF_TABLE_PINNED("hash", __u32, __u32, outside_ifaces, NATD_MAX_IFACES, NATD_PIN_DIR "/outside_ifaces");
 BPF_TABLE_PINNED("percpu_array", __u32, struct stat_counter, stats, STAT_MAX, NATD_PIN_DIR "/stats");
 
+/* NAT events for natd's event log and natctl -E (ebpf/lib/events.h writes, natd/events.py reads). BCC's
+ * BPF_RINGBUF_OUTPUT cannot pin, so this is its declaration with a pinned section ("maps/<type>:<path>",
+ * what BPF_TABLE_PINNED expands to); BCC then rewrites .ringbuf_reserve()/.ringbuf_submit() as usual.
+ * Pinned, so events emitted while natd restarts wait in it for the next natd. */
+#define NATD_RINGBUF_PINNED(_name, _bytes, _pinned)                 \
+	struct _name##_table_t {                                    \
+		int key;                                            \
+		u32 leaf;                                           \
+		int (*ringbuf_output)(void *, u64, u64);            \
+		void *(*ringbuf_reserve)(u64);                      \
+		void (*ringbuf_discard)(void *, u64);               \
+		void (*ringbuf_submit)(void *, u64);                \
+		u32 max_entries;                                    \
+	};                                                          \
+	__attribute__((section("maps/ringbuf:" _pinned)))          \
+	struct _name##_table_t _name = { .max_entries = (_bytes) }
+NATD_RINGBUF_PINNED(nat_events, NATD_EVENTS_RING_BYTES, NATD_PIN_DIR "/nat_events");
+/* event_ctl[0]: the event types the datapath emits, a mask of 1 << enum nat_event_type. natd sets it while
+ * something reads the events (an event log, natctl -E); 0, the initial value, costs the fast path one
+ * array lookup per new flow and nothing else. */
+BPF_TABLE_PINNED("array", __u32, __u32, event_ctl, 1, NATD_PIN_DIR "/event_ctl");
+
 #endif /* NATD_MAPS_H */

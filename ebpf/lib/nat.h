@@ -44,6 +44,7 @@ static __always_inline int ct_commit(struct ct_key *orig, struct ct_key *rk, __b
 	err = ct_orig.insert(orig, &e);
 	if (!err) {
 		stat_count(STAT_CT_NEW, 0);
+		nat_event_emit(NAT_EVENT_NEW, orig, &e);
 		return 0;
 	}
 	ct_reply.delete(rk);
@@ -87,9 +88,9 @@ static __always_inline int snat_create(struct ct_key *orig, const struct snat_ru
 		.proto = orig->proto,
 	};
 	struct ct_reply_value rv = { .orig = *orig };
-	__u32 range = (__u32)r->port_max - r->port_min + 1;
 	__u16 want = bpf_ntohs(orig->sport);
-	__u32 start, i;
+	__u32 lo = r->port_min, hi = r->port_max;
+	__u32 start, i, range, port;
 	int err;
 
 	/* RFC 4787 REQ-3a / RFC 5382: keep the inside port when it is free. */
@@ -101,9 +102,20 @@ static __always_inline int snat_create(struct ct_key *orig, const struct snat_ru
 		if (err != -EEXIST)
 			goto full;
 	}
+	/* RFC 4787 REQ-3a: ports 0-1023 stay below 1024 and others above, when the range has both. */
+	if (want < 1024 && lo < 1024)
+		hi = hi < 1023 ? hi : 1023;
+	else if (want >= 1024 && hi >= 1024)
+		lo = lo > 1024 ? lo : 1024;
+	range = hi - lo + 1;
 	start = bpf_get_prandom_u32();
 	for (i = 0; i < NAT_PORT_TRIES; i++) {
-		rk.dport = bpf_htons((__u16)(r->port_min + (start + i) % range));
+		port = lo + (start + i) % range;
+		/* RFC 4787 REQ-4 (SHOULD): the first half of the tries keep the source port's parity
+		 * (RTP/RTCP pairs); the second half take any port, so parity never causes exhaustion. */
+		if (i < NAT_PORT_TRIES / 2 && (port ^ want) & 1 && (port ^ 1) >= lo && (port ^ 1) <= hi)
+			port ^= 1;
+		rk.dport = bpf_htons((__u16)port);
 		if (port_forwarded(ext, rk.dport, orig->proto))
 			continue;
 		err = ct_reply.insert(&rk, &rv);
@@ -209,6 +221,101 @@ static __always_inline void dnat_rewrite(struct iphdr *ip, struct l4_fields *f, 
 	*f->dport = port;
 	nat_csum_replace4(&ip->check, ip->daddr, addr);
 	ip->daddr = addr;
+}
+
+/* The flow of a packet from an inside host, found or created (static 1:1 mapping first, else the snat
+ * rule of its source). 0 with *ep set, or -1 with *reason (a drop reason). */
+static __always_inline int nat_out_flow(struct ct_key *key, const struct l4_fields *f, struct ct_entry **ep,
+					__u32 *reason)
+{
+	struct snat_rule static_rule = {};
+	struct snat_rule *rule;
+	struct ct_entry *e;
+	__be32 *static_ext;
+	__be32 ext;
+
+	e = ct_orig.lookup(key);
+	if (e) {
+		*ep = e;
+		return 0;
+	}
+	/* A RST for a flow natd does not know has nothing to close. */
+	if (f->tcp && f->tcp->rst) {
+		*reason = STAT_DROP_NO_MAPPING;
+		return -1;
+	}
+	static_ext = static_out.lookup(&key->saddr);
+	if (static_ext) {
+		/* static 1:1 NAT keeps the port: a one-port "range" */
+		static_rule.rule_id = NATD_RULE_STATIC;
+		static_rule.port_min = bpf_ntohs(key->sport);
+		static_rule.port_max = static_rule.port_min;
+		rule = &static_rule;
+		ext = *static_ext;
+	} else {
+		rule = snat_rule_for(key->saddr);
+		if (!rule) {
+			*reason = STAT_DROP_SPOOFED_INSIDE;
+			return -1;
+		}
+		if (snat_pick_addr(rule, key->saddr, &ext) < 0) {
+			*reason = STAT_DROP_PORT_EXHAUSTED;
+			return -1;
+		}
+	}
+	if (snat_create(key, rule, ext, ct_initial_state(f->tcp), reason) < 0)
+		return -1;
+	e = ct_orig.lookup(key);
+	if (!e) {
+		*reason = STAT_DROP_TABLE_FULL;
+		return -1;
+	}
+	*ep = e;
+	return 0;
+}
+
+#define NAT_IN_FOUND 0
+#define NAT_IN_NO_MAPPING 1  /* nothing behind that external endpoint for this sender */
+#define NAT_IN_PASS 2        /* give it to the kernel untranslated; *reason says why */
+#define NAT_IN_DROP (-1)     /* *reason says why */
+
+/* The flow of a packet addressed to an external endpoint (rk: its tuple as the internet sends it), found
+ * or opened through a port forward or static mapping. A new inbound flow needs a TCP SYN (a stray
+ * segment must not open state) and a TTL that survives the hop. */
+static __always_inline int nat_in_flow(struct ct_key *rk, const struct l4_fields *f, __u8 ttl,
+				       struct ct_reply_value **rvp, struct ct_entry **ep, __u32 *reason)
+{
+	struct ct_reply_value *rv;
+	struct ct_entry *e;
+	__be16 inside_port;
+	__be32 inside;
+	__u32 rule_id;
+
+	rv = ct_reply.lookup(rk);
+	e = rv ? ct_orig.lookup(&rv->orig) : NULL;
+	if (!e && inbound_target(rk, &inside, &inside_port, &rule_id) == 0) {
+		if (ttl <= 1) {
+			*reason = STAT_PASS_TTL;
+			return NAT_IN_PASS;
+		}
+		if (f->tcp && !(f->tcp->syn && !f->tcp->ack)) {
+			*reason = STAT_DROP_NO_MAPPING;
+			return NAT_IN_DROP;
+		}
+		if (inbound_create(rk, inside, inside_port, ct_initial_state(f->tcp), rule_id, reason) < 0)
+			return NAT_IN_DROP;
+		rv = ct_reply.lookup(rk);
+		e = rv ? ct_orig.lookup(&rv->orig) : NULL;
+		if (!e) {
+			*reason = STAT_DROP_NO_MAPPING;
+			return NAT_IN_DROP;
+		}
+	}
+	if (!e || !rv)
+		return NAT_IN_NO_MAPPING;
+	*rvp = rv;
+	*ep = e;
+	return NAT_IN_FOUND;
 }
 
 #endif /* NATD_NAT_H */

@@ -6,6 +6,11 @@ runs on either entry point, counter deltas, conntrack reads and clean-up.
 BPF_PROG_TEST_RUN resolves the ctx's ingress_ifindex in the *calling thread's* network namespace, and the
 FIB lookups then run in that device's namespace; so every test run is made with this thread inside gw's
 namespace (setns there and back, see in_netns()).
+
+RULES_YAML: four snat rules (10.0/16 -> out0's address, 10.1/16 -> a pool of two, 10.2/16 and 10.3/16 -> one
+address with four ports each), port forwards (tcp 443 and udp 5300 on out0's address, tcp 80 on a
+forward-only address, tcp 40001 inside rule 3's range, so reserved from allocation) and one static 1:1
+mapping. The constants below name every address and port the tests rely on.
 """
 
 from __future__ import annotations
@@ -38,6 +43,16 @@ POOL = ("192.0.2.1", "192.0.2.2")  # rule 1
 TINY_POOL_ADDR = "192.0.2.9"       # rule 2: four ports only
 TINY_PORTS = (30000, 30003)
 NAT_PORTS = (20000, 29999)
+# inbound (tests/bpf/test_inbound.py, test_icmp_errors.py): port forwards and a static 1:1 mapping
+FWD_TCP = (443, HOST1, 8443)       # tcp GW_OUT:443 -> host1:8443
+FWD_UDP = (5300, HOST1, 5300)      # udp GW_OUT:5300 -> host1:5300 (no port in `to`: kept)
+FWD_ONLY_ADDR = "192.0.2.30"       # an address with a forward and no snat rule (ports: none of the NAT's)
+FWD_ONLY = (80, HOST1, 8080)       # tcp 192.0.2.30:80 -> host1:8080
+RESERVED_ADDR = "192.0.2.20"       # rule 3: 10.3.0.0/16, a tiny range that includes a forwarded port
+RESERVED_PORTS = (40000, 40003)
+RESERVED_FWD = (40001, HOST1, 2222)  # tcp 192.0.2.20:40001 -> host1:2222, inside rule 3's range
+STATIC_INSIDE = "10.1.77.7"        # routed via host1 (10.1.0.0/16), so inbound frames are redirected
+STATIC_OUTSIDE = "192.0.2.77"
 
 RULES_YAML = f"""
 instance: bpftest
@@ -53,8 +68,25 @@ snat:
   - from: 10.2.0.0/16
     to: [{TINY_POOL_ADDR}]
     ports: {TINY_PORTS[0]}-{TINY_PORTS[1]}
+  - from: 10.3.0.0/16
+    to: [{RESERVED_ADDR}]
+    ports: {RESERVED_PORTS[0]}-{RESERVED_PORTS[1]}
+forward:
+  - {{proto: tcp, port: {FWD_TCP[0]}, to: "{FWD_TCP[1]}:{FWD_TCP[2]}"}}
+  - {{proto: udp, port: {FWD_UDP[0]}, to: "{FWD_UDP[1]}"}}
+  - proto: tcp
+    port: {FWD_ONLY[0]}
+    to: "{FWD_ONLY[1]}:{FWD_ONLY[2]}"
+    address: {FWD_ONLY_ADDR}
+  - proto: tcp
+    port: {RESERVED_FWD[0]}
+    to: "{RESERVED_FWD[1]}:{RESERVED_FWD[2]}"
+    address: {RESERVED_ADDR}
+static:
+  - {{inside: {STATIC_INSIDE}, outside: {STATIC_OUTSIDE}}}
 """
-TRANSLATED = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/16", "10.1.0.0/16", "10.2.0.0/16"))
+TRANSLATED = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/16", "10.1.0.0/16", "10.2.0.0/16",
+                                                       "10.3.0.0/16"))
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -107,3 +107,22 @@ def test_static_nat_keeps_ports_outbound_and_opens_every_port_inbound(inbound: A
     seen = lab.exec("host2", [sys.executable, "-c", TCP_ASK, lab.addr("srv2"), "18401"], timeout=15).stdout
     assert seen.split(":")[0] == lab.addr("gw", "out0")
     assert (natd.metric("natd_connection_attempts_total") or 0) >= 3
+
+
+def test_hairpinning_to_a_port_forward_and_a_static_address(inbound: Any) -> None:
+    """RFC 4787 REQ-9 / RFC 5382 REQ-8: a private host reaching a port forward or a static mapping by
+    its external address works, and the target sees the sender's external address and port."""
+    lab, natd = inbound
+    ext = lab.addr("gw", "out0")
+    serve(lab, "host2", 8443)
+    seen = lab.exec("host1", [sys.executable, "-c", TCP_ASK, ext, "443"], timeout=15).stdout.strip()
+    # host1 has the static address 192.0.2.10 and keeps its ports: host2 sees exactly that
+    assert seen.split(":")[0] == STATIC_ADDR, seen
+    serve(lab, "host1", 7778)
+    seen = lab.exec("host2", [sys.executable, "-c", TCP_ASK, STATIC_ADDR, "7778"], timeout=15).stdout.strip()
+    ip, port = seen.split(":")
+    assert ip == ext and 20000 <= int(port) <= 29999  # host2 is masqueraded behind the outside address
+    assert (natd.metric("natd_hairpin_packets_total") or 0) >= 6  # both handshakes went round
+    table = natd.natctl("-L", "-p", "tcp", "--dport", "7778").stdout
+    assert f"src={lab.addr('host2')} dst={STATIC_ADDR}" in table  # host2's outbound half
+    assert f"src={ext} dst={STATIC_ADDR} sport={port} dport=7778" in table  # host1's inbound half

@@ -33,6 +33,7 @@ ENUMS: dict[str, tuple[type[enum.Enum], str, tuple[str, ...]]] = {
     "natd_stat": (maps.Stat, "STAT_", ("STAT_MAX",)),
     "ct_state": (maps.CtState, "CT_", ()),
     "ct_flags": (maps.CtFlags, "CT_F_", ()),
+    "nat_event_type": (maps.NatEventType, "NAT_EVENT_", ()),
 }
 Layout = dict[str, dict[str, tuple[int, ...]]]
 

@@ -229,12 +229,13 @@ def test_delete_json(natctl: Run) -> None:
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    ([], "no command given; use -L, -C, -S, -F, -D or status"),
+    ([], "no command given; use -L, -C, -S, -F, -D, -E or status"),
     (["-D"], "-D needs at least one filter (e.g. -s 10.0.1.42); -F deletes every flow"),
     (["-S", "-p", "tcp"], "filters (-p, -s, -d, --sport, --dport, -q, --reply-port-dst, --state) apply to "
-                          "-L, -C and -D only"),
-    (["-F", "-s", "10.0.0.1"], "apply to -L, -C and -D only"),
-    (["status", "--state", "ESTABLISHED"], "apply to -L, -C and -D only"),
+                          "-L, -C, -D and -E only"),
+    (["-F", "-s", "10.0.0.1"], "apply to -L, -C, -D and -E only"),
+    (["status", "--state", "ESTABLISHED"], "apply to -L, -C, -D and -E only"),
+    (["-E", "--state", "ESTABLISHED"], "--state does not apply to -E: events carry no TCP state"),
     (["-C", "-o", "json"], "-o applies to -L, -D, -S and status"),
     (["-L", "status"], "give one command: status or -L, not both"),
     (["-L", "-C"], "argument -C/--count: not allowed with argument -L/--dump"),

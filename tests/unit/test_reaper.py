@@ -1,34 +1,47 @@
 """Unit tests for natd.reaper: expiry rules, both re-check strategies, orphan clean-up and its races,
-result accounting, and ReaperThread's lifecycle. FakeTables plus an injected clock; no root."""
+result accounting, the on_delete hook, and ReaperThread's lifecycle; the columnar reads it runs on
+(natd.tables.FlowTable / ReplyTable / key_index, the numpy dtypes of natd.maps), the vectorised expiry
+checked against the one-flow-at-a-time rule with hypothesis. FakeTables plus an injected clock; no root."""
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
+import numpy.typing as npt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from natd import reaper as reaper_mod
+from natd import tables as tables_mod
 from natd.config import Timeouts
 from natd.errors import BpfError
 from natd.maps import (
+    CT_ENTRY_DTYPE,
+    CT_KEY_DTYPE,
+    CT_REPLY_VALUE_DTYPE,
     PROTO_ICMP,
     PROTO_TCP,
     PROTO_UDP,
     CtEntry,
     CtFlags,
     CtKey,
+    CtReplyValue,
     CtState,
+    be32_to_ip,
     ip_to_be32,
     port_to_be16,
     reply_key_for,
 )
-from natd.reaper import Reaper, ReaperThread, SweepResult, expired, state_label
-from natd.tables import FakeTables, Flow
+from natd.reaper import Reaper, ReaperThread, SweepResult, expired, expired_mask, state_label
+from natd.tables import FakeTables, Flow, FlowTable, ReplyTable, key_index
 
 pytestmark = pytest.mark.unit
 
@@ -604,3 +617,320 @@ def test_thread_set_timeouts_reaches_the_reaper() -> None:
 def test_thread_rejects_a_bad_interval() -> None:
     with pytest.raises(ValueError, match="positive"):
         ReaperThread(CopyingTables(), StubTimeouts(), interval=0)
+
+
+# --- the numpy mirrors of the structs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("struct", "dtype"), [
+    (CtKey, CT_KEY_DTYPE),
+    (CtEntry, CT_ENTRY_DTYPE),
+    (CtReplyValue, CT_REPLY_VALUE_DTYPE),
+])
+def test_dtypes_match_the_ctypes_structs(struct: type[ctypes.Structure], dtype: np.dtype[Any]) -> None:
+    """Same size, same fields in the same order at the same offsets with the same sizes (test_abi.py ties
+    the ctypes structs to abi.h), and the same bytes for the same values."""
+    assert dtype.itemsize == ctypes.sizeof(struct)
+    names = [f[0] for f in struct._fields_]
+    assert list(dtype.names or ()) == names
+    for name in names:
+        field_type, offset = dtype.fields[name][:2]  # type: ignore[index]
+        assert offset == getattr(struct, name).offset, name
+        assert field_type.itemsize == getattr(struct, name).size, name
+    obj = struct.from_buffer_copy(bytes(range(ctypes.sizeof(struct))))
+    row = np.frombuffer(bytes(obj), dtype=dtype)[0]
+    for name in names:
+        want = getattr(obj, name)
+        got = row[name]
+        if isinstance(want, ctypes.Structure):
+            assert got.tobytes() == bytes(want), name
+        elif isinstance(want, ctypes.Array):
+            assert list(got) == list(want), name
+        else:
+            assert int(got) == want, name
+
+
+# --- FlowTable, ReplyTable, key_index ---------------------------------------------------------------------
+
+
+def test_flow_table_round_trips_flows_and_derives_reply_keys() -> None:
+    flows = [flow(PROTO_TCP, CtState.ESTABLISHED, 5, replied=True), flow(PROTO_UDP, CtState.NONE, 1),
+             flow(PROTO_ICMP, CtState.NONE, 2)]
+    table = FlowTable.from_flows(flows)
+    assert len(table) == 3 and table.keys.dtype == CT_KEY_DTYPE and table.entries.dtype == CT_ENTRY_DTYPE
+    assert table.flows() == flows == list(table)
+    assert table[1] == flows[1] and table[-1] == flows[2]
+    assert table.ctkeys() == [k for k, _ in flows]
+    assert table[1:].flows() == flows[1:]
+    assert table.take(np.array([2, 0])).flows() == [flows[2], flows[0]]
+    assert table.take(np.array([False, True, False])).flows() == [flows[1]]
+    assert table.reply_keys().tobytes() == b"".join(bytes(reply_key_for(k, e)) for k, e in flows)
+    assert FlowTable.from_blobs(table.keys.tobytes(), table.entries.tobytes(), 3).flows() == flows
+    with pytest.raises(IndexError):
+        table[3]
+    empty = FlowTable.empty()
+    assert len(empty) == 0 and empty.flows() == [] and FlowTable.from_flows([]).flows() == []
+
+
+def test_flow_table_rejects_wrong_arrays() -> None:
+    with pytest.raises(TypeError):
+        FlowTable(np.zeros(2, CT_ENTRY_DTYPE), np.zeros(2, CT_ENTRY_DTYPE))
+    with pytest.raises(ValueError, match="2 keys but 1 entries"):
+        FlowTable(np.zeros(2, CT_KEY_DTYPE), np.zeros(1, CT_ENTRY_DTYPE))
+
+
+def test_reply_table_round_trips() -> None:
+    t = FakeTables()
+    populate(t, flow(), flow(PROTO_UDP, CtState.NONE))
+    replies = t.reply_table()
+    assert len(replies) == 2
+    assert replies.pairs() == t.reply_index()
+    values = b"".join(bytes(CtReplyValue(orig)) for _, orig in t.reply_index())
+    assert ReplyTable.from_blobs(replies.keys.tobytes(), values, 2).pairs() == t.reply_index()
+
+
+def _keys(raw: list[bytes]) -> npt.NDArray[np.void]:
+    return np.frombuffer(b"".join(raw), dtype=CT_KEY_DTYPE) if raw else np.zeros(0, CT_KEY_DTYPE)
+
+
+_key_bytes = st.binary(min_size=16, max_size=16)
+
+
+@settings(max_examples=200, deadline=None)
+@given(hay=st.lists(_key_bytes, max_size=40, unique=True), extra=st.lists(_key_bytes, max_size=20),
+       pick=st.lists(st.integers(0, 1000), max_size=40))
+def test_key_index_agrees_with_a_dict(hay: list[bytes], extra: list[bytes], pick: list[int]) -> None:
+    needles = extra + [hay[i % len(hay)] for i in pick] if hay else extra  # duplicates included
+    where = {k: i for i, k in enumerate(hay)}
+    got = key_index(_keys(hay), _keys(needles))
+    assert got.tolist() == [where.get(k, -1) for k in needles]
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hay=st.lists(_key_bytes, min_size=1, max_size=30, unique=True),
+       extra=st.lists(_key_bytes, max_size=10))
+def test_key_index_is_exact_when_every_hash_collides(monkeypatch: pytest.MonkeyPatch, hay: list[bytes],
+                                                     extra: list[bytes]) -> None:
+    monkeypatch.setattr(tables_mod, "_MIX", np.zeros(2, dtype=np.uint64))  # every key hashes to 0
+    needles = extra + hay[::-1]
+    where = {k: i for i, k in enumerate(hay)}
+    assert key_index(_keys(hay), _keys(needles)).tolist() == [where.get(k, -1) for k in needles]
+
+
+def test_key_index_of_big_tables() -> None:
+    rng = np.random.default_rng(7)
+    hay = np.frombuffer(rng.bytes(16 * 50_000), dtype=CT_KEY_DTYPE)
+    rows = rng.permutation(50_000)[:30_000]
+    needles = np.concatenate([np.take(hay, rows), np.frombuffer(rng.bytes(16 * 1000), dtype=CT_KEY_DTYPE)])
+    got = key_index(hay, needles)
+    assert (got[:30_000] == rows).all() and (got[30_000:] == -1).all()
+    assert key_index(hay[:0], needles).tolist() == [-1] * len(needles)
+    assert key_index(hay, needles[:0]).tolist() == []
+
+
+# --- the vectorised expiry against the scalar rule ----------------------------------------------------------
+
+
+class RandomTimeouts:
+    """Timeouts drawn by hypothesis; unknown protocols/states raise ValueError like Timeouts."""
+
+    def __init__(self, table: dict[tuple[int, int, bool], float]) -> None:
+        self.table = table
+
+    def for_state(self, proto: int, state: int, replied: bool) -> float:
+        if proto not in (PROTO_TCP, PROTO_UDP, PROTO_ICMP):
+            raise ValueError(f"no conntrack timeout for IP protocol {proto}")
+        if proto == PROTO_TCP and state > 8:
+            raise ValueError(f"unknown TCP conntrack state {state}")
+        return self.table.get((proto, state if proto == PROTO_TCP else 0, replied), 30.0)
+
+
+_U64 = (1 << 64) - 1
+_flow_rows = st.lists(st.tuples(
+    st.sampled_from([PROTO_TCP, PROTO_UDP, PROTO_ICMP, 47, 0, 255]),
+    st.one_of(st.integers(0, 8), st.integers(0, 255)),               # state
+    st.integers(0, 255),                                             # flags
+    st.one_of(st.integers(0, _U64), st.integers(-3 * S, 3 * S)),    # last_seen: anything, or near now
+    st.sampled_from(["198.51.100.1", "198.51.100.2", "192.0.2.9"]),  # nat address
+), max_size=60)
+_timeouts = st.one_of(
+    st.just(StubTimeouts()), st.just(Timeouts()),
+    st.dictionaries(st.tuples(st.sampled_from([PROTO_TCP, PROTO_UDP, PROTO_ICMP]), st.integers(0, 8),
+                              st.booleans()),
+                    st.floats(0, 1e6, allow_nan=False) | st.sampled_from([0.0, 1.0, 1e-9, 2.5]),
+                    max_size=12).map(RandomTimeouts),
+)
+
+
+def random_table(rows: list[tuple[int, int, int, int, str]], now: int) -> list[Flow]:
+    out = []
+    for i, (proto, state, flags, seen, nat) in enumerate(rows):
+        key = CtKey.make(f"10.1.{i // 250}.{i % 250 + 1}", "203.0.113.9", 1024 + i, 443, proto)
+        entry = CtEntry()
+        entry.last_seen_ns = seen if seen >= 0 and abs(seen) > 3 * S else min(max(now + seen, 0), _U64)
+        entry.state, entry.flags, entry.nat_addr, entry.nat_port = state, flags, ip_to_be32(nat), i + 1
+        out.append((key, entry))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=_flow_rows, now=st.one_of(st.integers(0, _U64 >> 1), st.just(NOW), st.integers(0, 100 * S)),
+       timeouts=_timeouts)
+def test_vectorised_expiry_equals_the_scalar_rule(rows: list[tuple[int, int, int, int, str]], now: int,
+                                                  timeouts: Any) -> None:
+    flows = random_table(rows, now)
+    mask = expired_mask(FlowTable.from_flows(flows), now, timeouts)
+    assert mask.dtype == np.bool_ and len(mask) == len(flows)
+    want = {bytes(k) for k, _ in expired(flows, now, timeouts)}
+    assert {bytes(k) for (k, _), m in zip(flows, mask.tolist(), strict=True) if m} == want
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=_flow_rows, timeouts=_timeouts, lookups=st.booleans())
+def test_sweep_of_a_random_table_matches_the_scalar_rule(rows: list[tuple[int, int, int, int, str]],
+                                                         timeouts: Any, lookups: bool) -> None:
+    """Whatever is in the table, a sweep deletes exactly what expired() names, and counts the rest."""
+    flows = random_table(rows, NOW)
+    t = CopyingTables() if lookups else NoLookupTables()
+    populate(t, *flows)
+    gone: list[Flow] = []
+    result = Reaper(t, timeouts, clock=Clock(), on_delete=gone.extend).sweep()
+
+    doomed = expired(flows, NOW, timeouts)
+    survivors = [f for f in flows if bytes(f[0]) not in {bytes(k) for k, _ in doomed}]
+    assert {bytes(k) for k, _ in gone} == {bytes(k) for k, _ in doomed}
+    assert set(t.ct) == {k for k, _ in survivors}
+    assert (result.scanned, result.reaped, result.refreshed) == (len(flows), len(doomed), 0)
+
+    def tally(items: Sequence[Flow]) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for k, e in items:
+            lbl = state_label(k.proto, e.state, e.flags)
+            out[lbl] = out.get(lbl, 0) + 1
+        return out
+
+    assert result.by_state == tally(doomed)
+    assert result.entries_by_state == tally(survivors)
+    ports: dict[str, int] = {}
+    for _, e in survivors:
+        ports[str(be32_to_ip(e.nat_addr))] = ports.get(str(be32_to_ip(e.nat_addr)), 0) + 1
+    assert result.ports_in_use == ports
+
+
+# --- on_delete: the NAT event log's hook ------------------------------------------------------------------
+
+
+def test_on_delete_gets_the_deleted_flows_per_chunk_as_rechecked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reaper_mod, "RECHECK_CHUNK", 2)
+    t = CopyingTables()
+    old = [flow(PROTO_UDP, CtState.NONE, 99, src=f"10.0.4.{i}") for i in range(5)]
+    live = flow(PROTO_TCP, CtState.ESTABLISHED, 1)
+    populate(t, *old, live)
+
+    def last_packets() -> None:  # counters moved after the snapshot, but the flow stays idle
+        t.ct[old[0][0]].packets_orig = 42
+
+    t.after_flows.append(last_packets)
+    r: Reaper
+    calls: list[list[Flow]] = []
+    table_calls_then: list[int] = []
+
+    def hook(flows: Sequence[Flow]) -> None:
+        assert not r._lock.locked(), "on_delete runs outside the sweep's lock"
+        table_calls_then.append(len(t.calls))
+        calls.append(list(flows))
+
+    r = Reaper(t, StubTimeouts(), clock=Clock(), on_delete=hook)
+    result = r.sweep()
+    assert result.reaped == 5
+    assert table_calls_then == [len(t.calls)] * 3, "called once the sweep's own work is done"
+    assert [len(c) for c in calls] == [2, 2, 1]
+    deleted = [f for c in calls for f in c]
+    assert {k for k, _ in deleted} == {k for k, _ in old}
+    assert all(isinstance(k, CtKey) and isinstance(e, CtEntry) for k, e in deleted)
+    assert next(e for k, e in deleted if k == old[0][0]).packets_orig == 42  # the entry as re-checked
+    assert t.calls.count("delete_flows") == 3
+
+
+def test_on_delete_on_the_reread_path_and_through_the_thread() -> None:
+    t = NoLookupTables()
+    a, b = flow(PROTO_UDP, CtState.NONE, 99), flow(PROTO_UDP, CtState.NONE, 99)
+    populate(t, a, b)
+    t.after_flows.append(lambda: refresh(t, a[0], NOW))
+    calls: list[Sequence[Flow]] = []
+    th = ReaperThread(t, StubTimeouts(), interval=3600, clock=Clock(), on_delete=calls.append)
+    th.start()
+    try:
+        assert wait_for(lambda: th.sweeps == 1)
+    finally:
+        th.stop()
+        th.join(1.0)
+    assert th.last_result is not None and th.last_result.recheck == "reread"
+    assert len(calls) == 1 and [k for k, _ in calls[0]] == [b[0]]
+    chunk = calls[0]
+    assert isinstance(chunk, FlowTable)  # columnar too, for a consumer that wants the arrays
+    assert chunk.entries["last_seen_ns"].tolist() == [b[1].last_seen_ns]
+
+
+def test_on_delete_only_gets_what_this_sweep_deleted() -> None:
+    """A flow somebody else deletes between the re-check and the delete is not reported."""
+
+    class Racing(CopyingTables):
+        def lookup_flows(self, keys: npt.NDArray[np.void]) -> tuple[Any, Any]:
+            out = super().lookup_flows(keys)
+            FakeTables.delete_flows(self, [victim])  # natctl -D, right after our lookups
+            return out
+
+    t = Racing()
+    victim, other = flow(PROTO_UDP, CtState.NONE, 99), flow(PROTO_UDP, CtState.NONE, 99)
+    populate(t, victim, other)
+    calls: list[Sequence[Flow]] = []
+    result = Reaper(t, StubTimeouts(), clock=Clock(), on_delete=calls.append).sweep()
+    assert (result.reaped, result.by_state) == (1, {("udp", "unreplied"): 1})
+    assert [[k for k, _ in c] for c in calls] == [[other[0]]]
+    assert t.ct == {}
+
+
+def test_on_delete_failure_is_logged_and_the_sweep_goes_on(caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reaper_mod, "RECHECK_CHUNK", 1)
+    t = CopyingTables()
+    populate(t, flow(PROTO_UDP, CtState.NONE, 99), flow(PROTO_UDP, CtState.NONE, 99))
+    seen: list[int] = []
+
+    def boom(flows: Sequence[Flow]) -> None:
+        seen.append(len(flows))
+        raise RuntimeError("event log broke")
+
+    sweeps: list[SweepResult] = []
+    with caplog.at_level(logging.ERROR, logger="natd.reaper"):
+        result = Reaper(t, StubTimeouts(), clock=Clock(), on_delete=boom, on_sweep=sweeps.append).sweep()
+    assert result.reaped == 2 and seen == [1, 1] and sweeps == [result]
+    assert caplog.text.count("on_delete callback failed") == 2
+
+
+def test_on_delete_still_hears_of_deletes_when_the_sweep_fails_later() -> None:
+    class BrokenReplies(CopyingTables):
+        def delete_replies(self, keys: Sequence[CtKey]) -> int:
+            raise BpfError("batch delete in ct_reply: Bad file descriptor (errno 9)")
+
+    t = BrokenReplies()
+    doomed = flow(PROTO_UDP, CtState.NONE, 99)
+    populate(t, doomed)
+    orphan(t)
+    calls: list[Sequence[Flow]] = []
+    r = Reaper(t, StubTimeouts(), clock=Clock(), on_delete=calls.append)
+    r.sweep()  # the orphan is pending after this one
+    assert [[k for k, _ in c] for c in calls] == [[doomed[0]]]
+    populate(t, flow(PROTO_UDP, CtState.NONE, 99))
+    with pytest.raises(BpfError):
+        r.sweep()  # deletes the expired flow, then fails on the orphan
+    assert len(calls) == 2 and len(calls[1]) == 1
+
+
+def test_no_on_delete_call_when_nothing_was_deleted() -> None:
+    t = CopyingTables()
+    populate(t, flow(PROTO_TCP, CtState.ESTABLISHED, 1))
+    calls: list[Sequence[Flow]] = []
+    Reaper(t, StubTimeouts(), clock=Clock(), on_delete=calls.append).sweep()
+    assert calls == []
