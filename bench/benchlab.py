@@ -39,7 +39,7 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 NFT_TABLE = "natd_bench"
 # parse_only + one operation of natd's fast path each (bench/xdp_bench.c)
 PROBES = ("probe_fib", "probe_lpm_lookup", "probe_ct_lookup", "probe_iface_lookup", "probe_ct_update",
-          "probe_ktime", "probe_stats2")
+          "probe_ktime", "probe_stats2", "probe_ct_insert")
 
 
 class BenchError(RuntimeError):
@@ -122,7 +122,7 @@ class BenchLab:
                                      "livegen", *PROBES)}
 
     def _offload_settings(self) -> dict[str, str]:
-        short = {"tx-checksumming": "tx-csum", "tcp-segmentation-offload": "tso",
+        short = {"tx-checksumming": "tx-csum", "tx-tcp-segmentation": "tso",
                  "generic-segmentation-offload": "gso", "generic-receive-offload": "gro",
                  "rx-udp-gro-forwarding": "udp-gro-fwd"}
         out = {}
@@ -362,6 +362,8 @@ class Natd(System):
         self.info["start_to_ready_s"] = time.monotonic() - t0
         pid = self.natd.proc.pid
         self.info["rss_ready_kib"] = sysutil.rss_kib(pid)
+        self.info["rss_anon_ready_kib"] = sysutil.rss_kib(pid, "RssAnon")
+        self.info["rss_file_ready_kib"] = sysutil.rss_kib(pid, "RssFile")
         BenchLab.pin_process(pid, GW_CPU)
         self.bl.pin_napi()
 

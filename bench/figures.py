@@ -105,7 +105,7 @@ def udp_load(bl: BenchLab, system: System, p: Params, flows: int, rate: int = 0)
 
 def rtt(bl: BenchLab, system: System, p: Params, ports: Ports) -> dict[str, Any]:
     port = ports()
-    srv = bl.start("srv", [bl.natbench, "udpsrv", SRV_ADDR, str(port)], ready=True)
+    srv = bl.start("srv", [bl.natbench, "udpsrv", SRV_ADDR, str(port), f"{p.seconds + 30:.0f}"], ready=True)
     try:
         cli = bl.tool("cli", "udprr", SRV_ADDR, port, p.seconds, p.rtt_count)
         res = bl.finish(cli, p.seconds + 15)
@@ -118,7 +118,7 @@ def rtt(bl: BenchLab, system: System, p: Params, ports: Ports) -> dict[str, Any]
 
 def crr(bl: BenchLab, system: System, p: Params, ports: Ports) -> dict[str, Any]:
     port = ports()
-    srv = bl.start("srv", [bl.natbench, "tcpsrv", SRV_ADDR, str(port)], ready=True)
+    srv = bl.start("srv", [bl.natbench, "tcpsrv", SRV_ADDR, str(port), f"{p.seconds + 30:.0f}"], ready=True)
     try:
         a = snap(bl, system)
         cli = bl.tool("cli", "tcpcrr", SRV_ADDR, port, p.seconds, p.crr_count, p.crr_concurrency)
@@ -135,14 +135,16 @@ def crr(bl: BenchLab, system: System, p: Params, ports: Ports) -> dict[str, Any]
 def bulk(bl: BenchLab, system: System, p: Params, ports: Ports) -> dict[str, Any]:
     """One iperf3 TCP stream cli -> srv; the gateway window skips the first (omitted) second."""
     port = str(ports())
-    srv = bl.start("srv", ["iperf3", "-s", "-1", "--forceflush", "-B", SRV_ADDR, "-p", port])
+    life = str(round(p.seconds) + p.bulk_omit + 30)  # every process bounded in time, iperf3 by timeout(1)
+    srv = bl.start("srv", ["timeout", "-k", "5", life, "iperf3", "-s", "-1", "--forceflush", "-B", SRV_ADDR,
+                           "-p", port])
     if not _readline(srv, 10.0):
         bl.stop(srv)
         raise BenchError("iperf3 server did not start")
     secs = max(1, round(p.seconds))
     try:
-        cli = bl.start("cli", ["iperf3", "-c", SRV_ADDR, "-p", port, "-t", str(secs), "-O", str(p.bulk_omit),
-                               "-J"])
+        cli = bl.start("cli", ["timeout", "-k", "5", life, "iperf3", "-c", SRV_ADDR, "-p", port,
+                               "-t", str(secs), "-O", str(p.bulk_omit), "-J"])
         time.sleep(p.bulk_omit + 0.2)
         a = snap(bl, system)
         time.sleep(max(0.2, secs - 0.4))

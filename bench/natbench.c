@@ -6,9 +6,9 @@
  *       buffer held by the sender's qdisc). FLOWS distinct source ports (10000 + i) towards port 9000;
  *       DISTINCT=1 makes every packet a new flow instead (source port 2000 + i % 30000, destination port
  *       9000 + i / 30000). RATE > 0 paces the sender (packets/s); 0 = as fast as it can.
- *   natbench udpsrv ADDR PORT                   UDP echo server
+ *   natbench udpsrv ADDR PORT LIFETIME          UDP echo server (exits after LIFETIME seconds at most)
  *   natbench udprr  DST PORT SECONDS MAXCOUNT   UDP ping-pong client: RTT p50/p90/p99 in microseconds
- *   natbench tcpsrv ADDR PORT                   TCP: read a request, answer 64 bytes, close (epoll)
+ *   natbench tcpsrv ADDR PORT LIFETIME          TCP: read a request, answer 64 bytes, close (epoll)
  *   natbench tcpcrr DST PORT SECONDS MAXCOUNT CONCURRENCY
  *       TCP connect/request/response/close client, CONCURRENCY connections in flight (epoll)
  *
@@ -193,7 +193,7 @@ static int cmd_flood(int argc, char **argv)
 				memcpy(buf[i], tmpl[next % flows].b, FRAME);
 		}
 		int done = 0;
-		while (done < n && !stop) {
+		while (done < n && !stop && now_s() < deadline) {
 			int r = sendmmsg(fd, msg + done, (unsigned)(n - done), 0);
 			if (r < 0) {
 				if (errno == EINTR)
@@ -241,20 +241,23 @@ static int bound_socket(int type, const char *addr, int port)
 
 static int cmd_udpsrv(int argc, char **argv)
 {
-	if (argc != 2) {
-		fprintf(stderr, "usage: natbench udpsrv ADDR PORT\n");
+	if (argc != 3) {
+		fprintf(stderr, "usage: natbench udpsrv ADDR PORT LIFETIME\n");
 		return 2;
 	}
 	int fd = bound_socket(SOCK_DGRAM, argv[0], atoi(argv[1]));
+	double end = now_s() + atof(argv[2]);
+	struct timeval tv = { .tv_sec = 0, .tv_usec = 200000 };
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	char buf[2048];
 	printf("ready\n");
 	fflush(stdout);
-	while (!stop) {
+	while (!stop && now_s() < end) {
 		struct sockaddr_in peer;
 		socklen_t plen = sizeof(peer);
 		ssize_t n = recvfrom(fd, buf, sizeof(buf), 0, (struct sockaddr *)&peer, &plen);
 		if (n < 0) {
-			if (errno == EINTR)
+			if (errno == EINTR || errno == EAGAIN)
 				continue;
 			die("recvfrom");
 		}
@@ -333,11 +336,12 @@ static void set_nonblock(int fd)
 
 static int cmd_tcpsrv(int argc, char **argv)
 {
-	if (argc != 2) {
-		fprintf(stderr, "usage: natbench tcpsrv ADDR PORT\n");
+	if (argc != 3) {
+		fprintf(stderr, "usage: natbench tcpsrv ADDR PORT LIFETIME\n");
 		return 2;
 	}
 	int lfd = bound_socket(SOCK_STREAM, argv[0], atoi(argv[1]));
+	double end = now_s() + atof(argv[2]);
 	if (listen(lfd, 4096) < 0)
 		die("listen");
 	set_nonblock(lfd);
@@ -349,7 +353,7 @@ static int cmd_tcpsrv(int argc, char **argv)
 	printf("ready\n");
 	fflush(stdout);
 	struct epoll_event evs[256];
-	while (!stop) {
+	while (!stop && now_s() < end) {
 		int n = epoll_wait(ep, evs, 256, 200);
 		for (int i = 0; i < n; i++) {
 			int fd = evs[i].data.fd;

@@ -214,7 +214,8 @@ def fast_path(bl: Any, natd: Any, repeat: int, new_flows: int, trials: int = 5) 
         measure("bare_redirect", fns["bare_in"].fd, inside, "in0", XDP_REDIRECT)
         fill_probes(bl)
         for probe in PROBES:
-            measure(probe, fns[probe].fd, inside, "in0", XDP_PASS, wrapped=False)
+            if probe != "probe_ct_insert":
+                measure(probe, fns[probe].fd, inside, "in0", XDP_PASS, wrapped=False)
         natd.flush()
         with sysutil.in_netns(bl.lab.ns_path("gw")):  # creates the flow the hit runs find
             test_run(natd_fd["xdp_inside"], inside, 1, idx["gw:in0"])
@@ -227,6 +228,9 @@ def fast_path(bl: Any, natd: Any, repeat: int, new_flows: int, trials: int = 5) 
                 before=lambda: reset_counter(bpf))
         results["new_flow_entries"] = natd.stats().get("conntrack_entries", 0)
         natd.flush()
+        measure("probe_ct_insert", fns["probe_ct_insert"].fd, inside, "in0", XDP_PASS, vary=1, runs=new_flows,
+                before=lambda: reset_counter(bpf))
+        bpf["probe_ins"].items_delete_batch()
     finally:
         for fd in natd_fd.values():
             os.close(fd)

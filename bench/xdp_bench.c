@@ -309,3 +309,22 @@ int probe_stats2(struct xdp_md *ctx)
 	}
 	return XDP_PASS;
 }
+
+/* One hash insert with BPF_NOEXIST (natd claims a port and creates a flow with two of these), into a
+ * preallocated 262144-entry map like natd's; run through restore_call with a new port pair each time. */
+BPF_HASH(probe_ins, struct probe_ct_key, struct probe_ct_val, 262144);
+
+int probe_ct_insert(struct xdp_md *ctx)
+{
+	PROBE_PARSE
+	struct probe_ct_key k = {};
+	struct probe_ct_val v = {};
+
+	k.saddr = ip->saddr;
+	k.daddr = ip->daddr;
+	k.sport = *f.sport;
+	k.dport = *f.dport;
+	k.proto = ip->protocol;
+	v.w[0] = 1;
+	return probe_ins.insert(&k, &v) == 0 ? XDP_PASS : XDP_DROP;
+}

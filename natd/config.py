@@ -379,6 +379,19 @@ IfName = Annotated[str, BeforeValidator(_ifname)]
 Seconds = Annotated[int, BeforeValidator(_int_between(1, _U32_MAX, "whole seconds"))]
 
 
+MAPPINGS = ("endpoint-independent", "address-and-port-dependent")
+FILTERINGS = ("address-and-port-dependent", "endpoint-independent")
+
+
+def _choice(what: str, allowed: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value in allowed:
+            return str(value)
+        _fail(f"{_show(value)} is not a {what} behaviour; expected one of: {', '.join(allowed)}")
+
+    return check
+
+
 class SnatRule(_Section):
     """Translate sources in ``from`` to the addresses ``to`` (empty: the outside interface's address)."""
 
@@ -391,6 +404,11 @@ class SnatRule(_Section):
         AfterValidator(_unique("address")),
     ] = []
     ports: PortRange = PortRange(1024, 32767)
+    # RFC 4787 §4.1 / §5; defaults: REQ-1 (MUST) and REQ-8's secure choice (what AWS does)
+    mapping: Annotated[Literal["endpoint-independent", "address-and-port-dependent"],
+                       BeforeValidator(_choice("mapping", MAPPINGS))] = "endpoint-independent"
+    filtering: Annotated[Literal["address-and-port-dependent", "endpoint-independent"],
+                         BeforeValidator(_choice("filtering", FILTERINGS))] = "address-and-port-dependent"
 
 
 def _proto(value: Any) -> str:
@@ -405,6 +423,23 @@ def _port(value: Any) -> int:
     return value
 
 
+def _check_inside_host(addr: ipaddress.IPv4Address, written: Any) -> None:
+    if addr.is_unspecified or addr.is_loopback or addr.is_multicast or addr.is_reserved or addr.is_link_local:
+        _fail(f"{_show(written)} cannot be an inside host; expected a unicast IPv4 address of a private "
+              "host such as 10.0.2.80 (not 0.0.0.0, 127.0.0.0/8, 169.254.0.0/16, multicast or 240.0.0.0/4)")
+
+
+def _inside_address(value: Any) -> ipaddress.IPv4Address:
+    try:
+        addr = ipaddress.IPv4Address(value) if isinstance(value, str | ipaddress.IPv4Address) else None
+    except ValueError:
+        addr = None
+    if addr is None:
+        _fail(f"{_show(value)} is not an IPv4 address; expected an inside host such as 10.0.3.5")
+    _check_inside_host(addr, value)
+    return addr
+
+
 def _host_port(value: Any) -> tuple[ipaddress.IPv4Address, int | None]:
     expected = "expected ADDRESS or ADDRESS:PORT such as 10.0.2.80:8443"
     if not isinstance(value, str):
@@ -414,6 +449,7 @@ def _host_port(value: Any) -> tuple[ipaddress.IPv4Address, int | None]:
         addr = ipaddress.IPv4Address(host)
     except ValueError:
         _fail(f"{_show(value)} is not an inside endpoint; {expected}")
+    _check_inside_host(addr, value)
     if not sep:
         return addr, None
     if not port.isdigit() or not 1 <= int(port) <= 65535:
@@ -447,7 +483,7 @@ class StaticRule(_Section):
     """Static 1:1 NAT: ``inside`` always appears as ``outside`` (ports kept), and every new inbound
     connection to ``outside`` reaches ``inside`` (like an Elastic IP on an Internet Gateway)."""
 
-    inside: Annotated[ipaddress.IPv4Address, BeforeValidator(_external_address)]
+    inside: Annotated[ipaddress.IPv4Address, BeforeValidator(_inside_address)]
     outside: Annotated[ipaddress.IPv4Address, BeforeValidator(_external_address)]
 
 
@@ -664,6 +700,14 @@ class Config(_Section):
             addrs: list[ipaddress.IPv4Address | None] = [*rule.to] or [None]
             for addr in addrs:
                 k = owner.setdefault(addr, i)
+                if self.snat[k].filtering != rule.filtering:
+                    shared = addr if addr is not None else "the outside interface's address (empty to)"
+                    problems.append((("snat", i, "filtering"), f"{rule.filtering} differs from "
+                                     f"snat[{k}].filtering {self.snat[k].filtering}, and both rules "
+                                     f"translate to {shared}; under endpoint-independent filtering an "
+                                     "external port must identify one inside endpoint, so rules sharing an "
+                                     "address must filter alike"))
+                    break
                 if self.snat[k].ports != rule.ports:
                     shared = addr if addr is not None else "the outside interface's address (empty to)"
                     problems.append((("snat", i, "ports"), f"{rule.ports} differs from snat[{k}].ports "

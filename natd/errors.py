@@ -4,7 +4,6 @@
     ├── ConfigError           the YAML is invalid; carries file, line and key
     ├── EnvironmentError_     the host cannot run natd (not root, no BPF, no bpffs, headers missing)
     ├── InterfaceError        a configured interface does not exist / vanished
-    ├── PortRangeError        NAT port range overlaps the kernel's ip_local_port_range
     ├── BpfError              compiling, loading, attaching or a map syscall failed
     │   └── LayoutMismatchError   pinned maps were written by another map layout version
     └── StateError            pinned state is missing or unreadable (natctl without a running natd)
@@ -39,10 +38,6 @@ class EnvironmentError_(NatdError):
 
 class InterfaceError(NatdError):
     """A configured network interface is missing."""
-
-
-class PortRangeError(NatdError):
-    """The NAT port range collides with the kernel's own ephemeral ports."""
 
 
 class BpfError(NatdError):

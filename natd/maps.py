@@ -222,6 +222,11 @@ class LpmV4Key(_Struct):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
 
 
+class SnatRuleFlags(enum.IntFlag):
+    APDM = 1 << 0  # mapping: address-and-port-dependent
+    EIF = 1 << 1  # filtering: endpoint-independent
+
+
 class SnatRuleValue(_Struct):
     _fields_ = [
         ("rule_id", ctypes.c_uint32),
@@ -229,7 +234,14 @@ class SnatRuleValue(_Struct):
         ("pool_size", ctypes.c_uint32),
         ("port_min", ctypes.c_uint16),
         ("port_max", ctypes.c_uint16),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     ]
+
+
+class ExtEndpoint(_Struct):
+    _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8)]
 
 
 class ExtAddrInfo(_Struct):

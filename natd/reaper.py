@@ -14,8 +14,9 @@ One sweep (:meth:`Reaper.sweep`):
 2. find the expired flows in that snapshot, vectorised: a table of deadlines indexed by
    (proto, state, replied) is built once per sweep from the timeouts, and one comparison against
    ``last_seen_ns`` marks every expired row. The counts of the result (flows per state, per external
-   address) come from ``np.bincount`` / ``np.unique`` on the same columns. Python objects (CtKey,
-   CtEntry) are built only for the expired flows.
+   address) come from ``np.bincount`` / ``np.unique`` on the same columns. No Python object is built
+   per flow: the expired ones, too, are re-checked and deleted as arrays (``on_delete`` callbacks get
+   them as FlowTables, whose (CtKey, CtEntry) objects are made if the callback looks).
 3. re-check each expired flow against the live map and delete (both halves) only those that are still
    expired. A flow that saw a packet after the snapshot was read survives.
 4. delete orphaned reply entries: a reply whose original key is missing from the ct_orig read (which
@@ -70,16 +71,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from natd.errors import NatdError
 from natd.maps import (
+    CT_KEY_DTYPE,
     PROTO_NAMES,
     PROTO_TCP,
-    CtEntry,
     CtFlags,
     CtKey,
     CtState,
@@ -106,8 +107,8 @@ __all__ = [
 log = logging.getLogger("natd.reaper")
 
 DEFAULT_INTERVAL_S = 5.0
-RECHECK_LOOKUP_MAX = 65536   # expired flows re-checked key by key regardless of the table size (~0.26 s)
-LOOKUP_COST_S = 4e-6         # one lookup_flow() syscall, for the per-key vs re-read decision
+RECHECK_LOOKUP_MAX = 65536   # expired flows re-checked key by key regardless of the table size (~0.25 s)
+LOOKUP_COST_S = 4e-6         # one key of Tables.lookup_flows() (a syscall), for the per-key vs re-read choice
 RECHECK_CHUNK = 1024         # keys looked up, then deleted together: the refresh window is one chunk
 DELETE_CHUNK = 8192          # flows per delete_flow_table() call on the re-read path
 _REPLIED = int(CtFlags.REPLIED)
@@ -129,10 +130,6 @@ class TimeoutPolicy(Protocol):
     def for_state(self, proto: int, state: int, replied: bool) -> float:
         """Idle timeout in seconds; ValueError for a protocol or state it does not know."""
         ...
-
-
-class _LookupFlow(Protocol):
-    def __call__(self, key: CtKey) -> CtEntry | None: ...
 
 
 @dataclass
@@ -217,13 +214,9 @@ class _Deadlines:
             self._fallback = round(max(known) * _NS)
         return self._fallback
 
-    def is_expired(self, key: CtKey, entry: CtEntry, now_ns: int) -> bool:
-        idle: int = now_ns - entry.last_seen_ns
-        return idle > self.timeout_ns((key.proto, entry.state, entry.flags & _REPLIED))
-
     def expired_mask(self, table: FlowTable, now_ns: int,
                      labels: _IntArray | None = None) -> npt.NDArray[np.bool_]:
-        """Per row: idle for longer than its timeout at ``now_ns``. The same rule as :meth:`is_expired`
+        """Per row: idle for longer than its timeout at ``now_ns``. The rule of :func:`expired`
         (``now - last_seen > timeout``), as ``last_seen < now - timeout`` with that threshold looked up
         per label and clamped to [0, 2**64): exact for every u64 ``last_seen_ns``."""
         if labels is None:
@@ -475,9 +468,10 @@ class Reaper:
         self._pending_orphans = seen
         if not confirmed:
             return 0, len(seen)
-        lookup = cast("_LookupFlow | None", getattr(self._tables, "lookup_flow", None))
-        if lookup is not None and len(confirmed) <= RECHECK_LOOKUP_MAX:
-            confirmed = [(rk, ok) for rk, ok in confirmed if lookup(CtKey.from_buffer_copy(ok)) is None]
+        if getattr(self._tables, "lookup_flow", None) is not None and len(confirmed) <= RECHECK_LOOKUP_MAX:
+            origs = np.frombuffer(b"".join(ok for _, ok in confirmed), dtype=CT_KEY_DTYPE)
+            found, _ = self._tables.lookup_flows(origs)
+            confirmed = [pair for pair, there in zip(confirmed, found.tolist(), strict=True) if not there]
         deleted = (self._tables.delete_replies([CtKey.from_buffer_copy(rk) for rk, _ in confirmed])
                    if confirmed else 0)
         if deleted:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from natd.config import Config
 from natd.errors import ConfigError
-from natd.maps import MAX_POOL, MAX_RULES, PROTO_NUMBERS
+from natd.maps import MAX_POOL, MAX_RULES, PROTO_NUMBERS, SnatRuleFlags
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class SnatEntry:
     pool_size: int
     port_min: int
     port_max: int
+    flags: int = 0  # natd.maps.SnatRuleFlags
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,13 @@ def build_ruleset(config: Config, outside_addr: ipaddress.IPv4Address | None,
                     f"IPv4 address; add one to {config.outside} or give the rule 'to: [ADDRESS]'",
                     key=f"snat[{rule_id}].to")
             addrs = [outside_addr]
-        snat.append(SnatEntry(rule.from_, rule_id, len(pool), len(addrs), rule.ports.lo, rule.ports.hi))
+        flags = SnatRuleFlags(0)
+        if rule.mapping == "address-and-port-dependent":
+            flags |= SnatRuleFlags.APDM
+        if rule.filtering == "endpoint-independent":
+            flags |= SnatRuleFlags.EIF
+        snat.append(SnatEntry(rule.from_, rule_id, len(pool), len(addrs), rule.ports.lo, rule.ports.hi,
+                              int(flags)))
         pool.extend(addrs)
         for addr in addrs:
             prev = ext.get(addr)
@@ -120,12 +127,22 @@ def check_local_port_range(ruleset: RuleSet, local_range: tuple[int, int],
     unsolicited. Refuse to start instead."""
     lo, hi = local_range
     own = set(gateway_addrs)
+    for i, (_, outside) in enumerate(ruleset.statics):
+        if outside in own:
+            raise ConfigError(
+                f"static[{i}].outside {outside} is an address of the gateway itself; every port of a static "
+                f"address belongs to its inside host, so it must not be configured on a gateway interface: "
+                f"remove it from the interface and have the upstream router route it to the gateway",
+                key=f"static[{i}].outside")
     for addr, (pmin, pmax) in ruleset.ext_addrs.items():
         if addr in own and pmin <= hi and lo <= pmax:
+            rule = next((e.rule_id for e in ruleset.snat
+                         if addr in ruleset.pool[e.pool_index:e.pool_index + e.pool_size]), None)
+            fix_kernel = (f" or move the kernel's range: sysctl -w net.ipv4.ip_local_port_range="
+                          f"'{pmax + 1} 65535' (in the gateway's namespace)" if pmax < 65535 else "")
             raise ConfigError(
                 f"NAT ports {pmin}-{pmax} of {addr} overlap the kernel's net.ipv4.ip_local_port_range "
                 f"{lo}-{hi} (the gateway's own connections use it); pick snat ports outside {lo}-{hi} "
-                f"(e.g. 1024-{lo - 1}) or move the kernel's range: sysctl -w "
-                f"net.ipv4.ip_local_port_range='{pmax + 1} 65535' (in the gateway's namespace)",
-                key="snat.ports")
+                f"(e.g. 1024-{lo - 1}){fix_kernel}",
+                key=f"snat[{rule}].ports" if rule is not None else "snat")
 

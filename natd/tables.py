@@ -374,7 +374,7 @@ class PinnedTables:
         snat = self.map("snat_rules")
         wanted_snat = {
             LpmV4Key(e.network.prefixlen, ip_to_be32(e.network.network_address)).to_bytes():
-            SnatRuleValue(e.rule_id, e.pool_index, e.pool_size, e.port_min, e.port_max).to_bytes()
+            SnatRuleValue(e.rule_id, e.pool_index, e.pool_size, e.port_min, e.port_max, e.flags, 0).to_bytes()
             for e in rules.snat
         }
         for k, v in wanted_snat.items():

@@ -11,9 +11,11 @@ say() { echo "setup: $*"; }
 [ -e /proc/sys/net/core/bpf_jit_enable ] || die "this kernel has no BPF JIT (/proc/sys/net/core/bpf_jit_enable missing); natd needs CONFIG_BPF_SYSCALL and CONFIG_BPF_JIT"
 [ -e /sys/kernel/btf/vmlinux ] || say "warning: /sys/kernel/btf/vmlinux missing (no BTF); BCC still works, bpftool output will be poorer"
 
-# Debian packages: what the daemon, the lab, the tests and the benchmarks use.
+# Debian packages: what the daemon, the lab, the tests and the benchmarks use. prometheus: the lab test
+# runs the binary itself and the unit tests run promtool on contrib/prometheus; its system service is
+# neither started nor enabled (below).
 PKGS=(python3-bpfcc python3-venv linux-headers-amd64 libbpf1 bpftool iproute2 ethtool iputils-ping
-      nftables conntrack iperf3 tcpdump socat traceroute nmap curl systemd gcc libc6-dev)
+      nftables conntrack iperf3 tcpdump socat traceroute nmap curl systemd gcc libc6-dev prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,8 +23,26 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # Packaged services must not start during the install: policy-rc.d exiting 101 makes invoke-rc.d and
+  # deb-systemd-invoke skip every start (Docker images ship one already; then it is left alone).
+  own_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # also when apt-get fails (set -e)
+    own_policy=yes
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$own_policy" ]; then
+    rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+  fi
+  # ... nor run at boot: natd's tests start their own prometheus (in a lab namespace, on a temp TSDB)
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    say "disabled the packaged prometheus.service (natd's tests run prometheus themselves)"
+  fi
 fi
 
 # BCC compiles against /lib/modules/$(uname -r)/build; this kernel has no headers package of its own,

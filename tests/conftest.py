@@ -142,11 +142,13 @@ def _natd_config(**overrides: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def natd_factory(request: pytest.FixtureRequest) -> Callable[..., Any]:
-    """natd_factory(lab, config=None, start=True) -> NatdInLab; stopped and uninstalled by a finalizer."""
+    """natd_factory(lab, config=None, start=True, node="gw") -> NatdInLab; stopped and uninstalled by a
+    finalizer."""
     from natd_lab.natd import NatdInLab
 
-    def make(lab: Lab, config: dict[str, Any] | None = None, start: bool = True) -> NatdInLab:
-        natd = NatdInLab(lab, config if config is not None else _natd_config())
+    def make(lab: Lab, config: dict[str, Any] | None = None, start: bool = True,
+             node: str = "gw") -> NatdInLab:
+        natd = NatdInLab(lab, config if config is not None else _natd_config(), node=node)
         request.addfinalizer(natd.close)
         if start:
             natd.start()

@@ -89,12 +89,29 @@ struct lpm_v4_key {
 	__be32 addr;
 };
 
+/* NAT behaviour of a rule (RFC 4787 §4.1, §5). Defaults: endpoint-independent mapping (REQ-1) and
+ * address-and-port-dependent filtering (REQ-8, what AWS does). */
+enum snat_rule_flags {
+	SNAT_F_APDM = 1 << 0,     /* mapping: address-and-port-dependent (a fresh random port per flow) */
+	SNAT_F_EIF = 1 << 1,      /* filtering: endpoint-independent ("full cone", for peer-to-peer) */
+};
+
 struct snat_rule {
 	__u32 rule_id;
 	__u32 pool_index;         /* first slot in snat_pool */
 	__u32 pool_size;          /* slots used (>= 1) */
 	__u16 port_min;           /* host byte order */
 	__u16 port_max;
+	__u32 flags;              /* enum snat_rule_flags */
+	__u32 pad;
+};
+
+/* An external endpoint (key of eif_owners). */
+struct ext_endpoint {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
 };
 
 /* Value of ext_addrs, keyed by an external address: which ports of it belong to the NAT. Ports outside

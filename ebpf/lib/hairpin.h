@@ -24,8 +24,9 @@ static __always_inline int nat_hairpin(struct xdp_md *ctx, struct hdr_cursor *c,
 	__be16 inside_port;
 	__be32 inside;
 	__u32 rule_id, reason = 0;
+	struct ct_key back = {};
 	__u16 port;
-	int rc;
+	int fresh, rc;
 
 	if (ip_is_fragment(ip) || ip->ihl != 5)
 		return verdict(ctx, XDP_DROP, STAT_DROP_UNSUPPORTED);
@@ -50,15 +51,23 @@ static __always_inline int nat_hairpin(struct xdp_md *ctx, struct hdr_cursor *c,
 	    inbound_target(&rk, &inside, &inside_port, &rule_id) != 0 && !ct_orig.lookup(&key))
 		return verdict(ctx, XDP_PASS, STAT_PASS_LOCAL);
 
+	fresh = !ct_orig.lookup(&key);
 	if (nat_out_flow(&key, &f, &out, &reason) < 0)
 		return verdict(ctx, XDP_DROP, reason);
 	rk.saddr = out->nat_addr;
 	rk.sport = out->nat_port;
 	rc = nat_in_flow(&rk, &f, ip->ttl, &rv, &in, &reason);
-	if (rc == NAT_IN_DROP)
-		return verdict(ctx, XDP_DROP, reason);
-	if (rc != NAT_IN_FOUND || !in || !rv)
-		return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
+	if (rc != NAT_IN_FOUND || !in || !rv) {
+		/* Nobody behind that external endpoint (yet). A UDP mapping stays, as for any datagram to an
+		 * unresponsive destination: it is what lets a peer behind this NAT answer (hairpinned hole
+		 * punching, RFC 4787 REQ-9). A TCP segment that goes nowhere must not leave a flow behind. */
+		if (fresh && f.tcp) {
+			ct_key_reply(&key, out, &back);
+			ct_reply.delete(&back);
+			ct_orig.delete(&key);
+		}
+		return verdict(ctx, XDP_DROP, rc == NAT_IN_DROP ? reason : STAT_DROP_NO_MAPPING);
+	}
 
 	ct_update(out, f.tcp, CT_DIR_ORIG, bytes);
 	ct_track_inside_ack(out, f.tcp);

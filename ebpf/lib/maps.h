@@ -32,6 +32,11 @@ BPF_TABLE_PINNED("hash", struct dnat_key, struct dnat_target, dnat_rules, NATD_M
 		 NATD_PIN_DIR "/dnat_rules");
 BPF_TABLE_PINNED("hash", __be32, __be32, static_out, NATD_MAX_STATIC, NATD_PIN_DIR "/static_out");
 BPF_TABLE_PINNED("hash", __be32, __be32, static_in, NATD_MAX_STATIC, NATD_PIN_DIR "/static_in");
+/* Endpoint-independent filtering: external endpoint -> a live flow (its ct_orig key) of the one inside
+ * endpoint that owns it. LRU: an owner whose flows are all gone is detected (the key no longer finds a
+ * flow) and replaced, so the map needs no sweeping. */
+BPF_TABLE_PINNED("lru_hash", struct ext_endpoint, struct ct_key, eif_owners, NATD_CT_MAX,
+		 NATD_PIN_DIR "/eif_owners");
 /* ifindex -> 1 for every outside interface: a FIB result through one of them means "leaves the NAT". */
 BPF_TABLE_PINNED("hash", __u32, __u32, outside_ifaces, NATD_MAX_IFACES, NATD_PIN_DIR "/outside_ifaces");
 BPF_TABLE_PINNED("percpu_array", __u32, struct stat_counter, stats, STAT_MAX, NATD_PIN_DIR "/stats");

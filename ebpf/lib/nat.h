@@ -56,6 +56,46 @@ static __always_inline int ct_commit(struct ct_key *orig, struct ct_key *rk, __b
 	return -1;
 }
 
+static __always_inline __u32 eim_hash(const struct ct_key *orig)
+{
+	__u32 h = bpf_ntohl(orig->saddr) * 2654435761u;
+
+	h ^= ((__u32)bpf_ntohs(orig->sport) << 8 | orig->proto) * 2246822519u;
+	return h ^ (h >> 15);
+}
+
+/* Under endpoint-independent filtering an external port identifies exactly one inside endpoint
+ * (RFC 4787 §5): a port is taken when another endpoint owns it and still has a live flow. */
+static __always_inline int eif_port_taken(__be32 ext, __be16 port, const struct ct_key *orig)
+{
+	struct ext_endpoint ep = { .addr = ext, .port = port, .proto = orig->proto };
+	struct ct_key *anchor = eif_owners.lookup(&ep);
+
+	if (!anchor)
+		return 0;
+	if (anchor->saddr == orig->saddr && anchor->sport == orig->sport)
+		return 0;
+	return ct_orig.lookup(anchor) != NULL;
+}
+
+/* The newest flow becomes the owner's anchor, so the mapping stays open as long as any flow lives. */
+static __always_inline void eif_claim(__be32 ext, __be16 port, struct ct_key *orig)
+{
+	struct ext_endpoint ep = { .addr = ext, .port = port, .proto = orig->proto };
+
+	eif_owners.update(&ep, orig);
+}
+
+/* The ct_reply key of a flow (mirrors natd.maps.reply_key_for). */
+static __always_inline void ct_key_reply(const struct ct_key *orig, const struct ct_entry *e, struct ct_key *rk)
+{
+	rk->saddr = orig->daddr;
+	rk->daddr = e->nat_addr;
+	rk->sport = orig->proto == IPPROTO_ICMP ? 0 : orig->dport;
+	rk->dport = e->nat_port;
+	rk->proto = orig->proto;
+}
+
 /* Paired pooling (RFC 4787 REQ-2): the inside address alone picks the external address. */
 static __always_inline int snat_pick_addr(const struct snat_rule *r, __be32 inside, __be32 *ext)
 {
@@ -91,10 +131,12 @@ static __always_inline int snat_create(struct ct_key *orig, const struct snat_ru
 	__u16 want = bpf_ntohs(orig->sport);
 	__u32 lo = r->port_min, hi = r->port_max;
 	__u32 start, i, range, port;
+	int eif = r->flags & SNAT_F_EIF;
 	int err;
 
 	/* RFC 4787 REQ-3a / RFC 5382: keep the inside port when it is free. */
-	if (want >= r->port_min && want <= r->port_max && !port_forwarded(ext, orig->sport, orig->proto)) {
+	if (want >= r->port_min && want <= r->port_max && !port_forwarded(ext, orig->sport, orig->proto) &&
+	    !(eif && eif_port_taken(ext, orig->sport, orig))) {
 		rk.dport = orig->sport;
 		err = ct_reply.insert(&rk, &rv);
 		if (!err)
@@ -108,7 +150,11 @@ static __always_inline int snat_create(struct ct_key *orig, const struct snat_ru
 	else if (want >= 1024 && hi >= 1024)
 		lo = lo > 1024 ? lo : 1024;
 	range = hi - lo + 1;
-	start = bpf_get_prandom_u32();
+	/* Endpoint-independent mapping (RFC 4787 REQ-1, RFC 5382 REQ-1) without a mapping table: the first
+	 * candidate is a function of the inside endpoint alone, so every destination gets the same external
+	 * port unless another endpoint already holds it towards that very destination (then the next one;
+	 * RFC 7857 §3 allows the per-destination reuse that makes this rare). */
+	start = r->flags & SNAT_F_APDM ? bpf_get_prandom_u32() : eim_hash(orig);
 	for (i = 0; i < NAT_PORT_TRIES; i++) {
 		port = lo + (start + i) % range;
 		/* RFC 4787 REQ-4 (SHOULD): the first half of the tries keep the source port's parity
@@ -116,7 +162,7 @@ static __always_inline int snat_create(struct ct_key *orig, const struct snat_ru
 		if (i < NAT_PORT_TRIES / 2 && (port ^ want) & 1 && (port ^ 1) >= lo && (port ^ 1) <= hi)
 			port ^= 1;
 		rk.dport = bpf_htons((__u16)port);
-		if (port_forwarded(ext, rk.dport, orig->proto))
+		if (port_forwarded(ext, rk.dport, orig->proto) || (eif && eif_port_taken(ext, rk.dport, orig)))
 			continue;
 		err = ct_reply.insert(&rk, &rv);
 		if (!err)
@@ -128,6 +174,8 @@ static __always_inline int snat_create(struct ct_key *orig, const struct snat_ru
 	return -1;
 
 claimed:
+	if (eif)
+		eif_claim(ext, rk.dport, orig);
 	return ct_commit(orig, &rk, ext, state, 0, r->rule_id, reason);
 full:
 	*reason = STAT_DROP_TABLE_FULL;
@@ -171,7 +219,10 @@ static __always_inline int inbound_create(struct ct_key *rk, __be32 inside, __be
 static __always_inline int inbound_target(struct ct_key *rk, __be32 *addr, __be16 *port, __u32 *rule_id)
 {
 	struct dnat_key dk = { .addr = rk->daddr, .port = rk->dport, .proto = rk->proto };
+	struct ext_endpoint ep = {};
+	struct ct_entry *owner;
 	struct dnat_target *t;
+	struct ct_key *anchor;
 	__be32 *inside;
 
 	if (rk->proto == IPPROTO_ICMP)
@@ -188,6 +239,18 @@ static __always_inline int inbound_target(struct ct_key *rk, __be32 *addr, __be1
 		*addr = *inside;
 		*port = rk->dport;
 		*rule_id = NATD_RULE_STATIC;
+		return 0;
+	}
+	/* endpoint-independent filtering: anyone may reach a live mapping's inside endpoint */
+	ep.addr = rk->daddr;
+	ep.port = rk->dport;
+	ep.proto = rk->proto;
+	anchor = eif_owners.lookup(&ep);
+	owner = anchor ? ct_orig.lookup(anchor) : NULL;
+	if (anchor && owner && owner->nat_addr == rk->daddr && owner->nat_port == rk->dport) {
+		*addr = anchor->saddr;
+		*port = anchor->sport;
+		*rule_id = owner->rule_id;
 		return 0;
 	}
 	return -1;

@@ -172,7 +172,8 @@ def test_error_about_a_mapped_flow_translated_to_the_inside_host(dp: NatDatapath
                                                                  quoted: str) -> None:
     """RFC 5508 REQ-3/4: outer destination and quoted source address/port (echo identifier) reverted, the
     ICMP message otherwise as the router sent it (type, code, next-hop MTU, pointer), all checksums valid;
-    the conntrack entry untouched (RFC 5508 REQ-? / RFC 7857: errors never refresh a mapping)."""
+    the conntrack entry untouched (RFC 5508 REQ-6, RFC 4787 REQ-12, RFC 5382 REQ-10: errors never
+    refresh or delete a mapping)."""
     make_l4, l4_bytes = QUOTED[quoted]
     sent = send_out(dp, make_l4())
     n = quote_len(sent, l4_bytes)

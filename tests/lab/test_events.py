@@ -4,6 +4,8 @@ events (short UDP timeouts), natctl -D makes DESTROY "delete", SIGHUP reopens th
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import subprocess
 import sys
@@ -96,6 +98,28 @@ def test_natctl_deletions_and_logrotate(lab: Any, natd_with_log: Any) -> None:
     assert [e["event"] for e in events_in(natd.dir / "events.log.1")] == ["NEW", "DESTROY"]
 
 
+class Lines:
+    """A child's stdout read line by line with a timeout (select on the raw pipe, no buffering)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.fd = proc.stdout.fileno()
+        self.buf = b""
+
+    def next(self, timeout: float = 15.0) -> str | None:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode()
+
+
 def test_natctl_E_follows_events_live(lab: Any, natd_factory: Any) -> None:
     """Without an event log too: natctl -E switches the datapath's events on while it listens."""
     natd = natd_factory(lab, start=False)
@@ -104,26 +128,42 @@ def test_natctl_E_follows_events_live(lab: Any, natd_factory: Any) -> None:
     natd.start()
     start_echo(lab, "srv1", 18083, 15356)
     argv = [_bin("natctl"), "--instance", natd.instance, "--pin-root", natd.pin_root, "-E"]
-    text = lab.popen("gw", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    js = lab.popen("gw", [*argv, "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    text = lab.popen("gw", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    js = lab.popen("gw", [*argv, "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    text_lines, js_lines = Lines(text), Lines(js)
     try:
-        time.sleep(1.0)  # both connected and subscribed (natd polls its socket every 0.1 s)
+        # until both have subscribed, flows from host2 (each ask is a new flow: a new source port)
+        deadline = time.monotonic() + 30
+        seen = [False, False]
+        while not all(seen) and time.monotonic() < deadline:
+            ask_udp(lab, "host2", 15356)
+            for i, reader in enumerate((text_lines, js_lines)):
+                while reader.next(timeout=0.5) is not None:
+                    seen[i] = True
+        assert all(seen), "natctl -E printed no event within 30 s"
         peer = ask_udp(lab, "host1", 15356)
-        assert text.stdout is not None and js.stdout is not None
-        line = text.stdout.readline()  # blocks until the event; the lab's teardown kills it otherwise
-        assert line.startswith("    [NEW] udp      17 "), line
-        assert (f"src={lab.addr('host1')} dst={lab.addr('srv1')}" in line
+        new = wait_for("host1's NEW", lambda: _next_from(text_lines, lab.addr("host1")))
+        assert new.startswith("    [NEW] udp      17 "), new
+        assert (f"src={lab.addr('host1')} dst={lab.addr('srv1')}" in new
                 and f"dport=15356 src={lab.addr('srv1')} dst={peer.split(':')[0]} sport=15356 "
-                    f"dport={peer.split(':')[1]}" in line), line
-        event = json.loads(js.stdout.readline())
+                    f"dport={peer.split(':')[1]}" in new), new
+        event = json.loads(wait_for("host1's JSON event", lambda: _next_from(js_lines, lab.addr("host1"))))
         assert (event["event"], event["destination"]) == ("NEW", f"{lab.addr('srv1')}:15356"), \
             "natctl -E shows destinations (a live view, not the log)"
-        destroy = text.stdout.readline()  # reaped after TIMEOUT_S
+        destroy = wait_for("host1's DESTROY", lambda: _next_from(text_lines, lab.addr("host1")))
         assert destroy.startswith("[DESTROY] udp      17 src=" + lab.addr("host1")), destroy
     finally:
         for proc in (text, js):
             proc.send_signal(signal.SIGINT)
     for proc in (text, js):
         _, err = proc.communicate(timeout=10)
-        assert proc.returncode == 0, f"Ctrl-C must exit 0: {err}"
-        assert "flow events have been shown" in err
+        assert proc.returncode == 0, f"Ctrl-C must exit 0: {err.decode()}"
+        assert b"flow events have been shown" in err
+
+
+def _next_from(reader: Lines, inside: str) -> str | None:
+    """The next line about ``inside`` (host2's probe flows and their DESTROYs are skipped)."""
+    while (line := reader.next(timeout=1.0)) is not None:
+        if f"src={inside} " in line or f'"inside":"{inside}:' in line:
+            return line
+    return None

@@ -34,6 +34,7 @@ ENUMS: dict[str, tuple[type[enum.Enum], str, tuple[str, ...]]] = {
     "ct_state": (maps.CtState, "CT_", ()),
     "ct_flags": (maps.CtFlags, "CT_F_", ()),
     "nat_event_type": (maps.NatEventType, "NAT_EVENT_", ()),
+    "snat_rule_flags": (maps.SnatRuleFlags, "SNAT_F_", ()),
 }
 Layout = dict[str, dict[str, tuple[int, ...]]]
 

@@ -186,3 +186,21 @@ def test_forward_duplicated_through_the_outside_address_is_refused() -> None:
     with pytest.raises(ConfigError) as e:
         build_ruleset(parse_config(text), OUT, [1])
     assert e.value.key in ("forward[1].address", "forward[1].port")
+
+
+def test_static_address_on_the_gateway_itself_is_refused_with_its_own_message() -> None:
+    text = ("inside: [in1]\noutside: out0\nsnat:\n  - from: 10.0.0.0/16\n    to: [192.0.2.1]\n"
+            "static:\n  - {inside: 10.0.3.5, outside: 192.0.2.99}\n")
+    rules = build_ruleset(parse_config(text), OUT, [1])
+    with pytest.raises(ConfigError) as e:
+        check_local_port_range(rules, (32768, 60999), [OUT, ipaddress.IPv4Address("192.0.2.99")])
+    assert e.value.key == "static[0].outside"
+    assert "is an address of the gateway itself" in str(e.value)
+
+
+def test_overlap_names_the_rule_that_owns_the_address() -> None:
+    text = cfg("  - from: 10.0.0.0/16\n    to: [192.0.2.1]\n  - from: 10.1.0.0/16\n    ports: 30000-40000\n")
+    rules = build_ruleset(parse_config(text), OUT, [1])
+    with pytest.raises(ConfigError) as e:
+        check_local_port_range(rules, (32768, 60999), [OUT])
+    assert e.value.key == "snat[1].ports"

@@ -1,0 +1,192 @@
+"""NAT behaviour that real applications depend on, tested the way a STUN client (RFC 5780-style) and a
+hole-punching peer see it: endpoint-independent mapping (RFC 4787 REQ-1, RFC 5382 REQ-1), filtering
+(RFC 4787 REQ-8) and UDP hole punching between two NATed sites."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+# Answers each datagram with the source address:port it saw (a minimal STUN binding response).
+REFLECTOR = r"""
+import socket, sys, threading
+def serve(addr, port):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((addr, port))
+    while True:
+        data, peer = u.recvfrom(2048)
+        u.sendto(f"{peer[0]}:{peer[1]}".encode(), peer)
+for spec in sys.argv[1:]:
+    a, p = spec.rsplit(":", 1)
+    threading.Thread(target=serve, args=(a, int(p)), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+# One UDP socket (fixed local port) asks several reflectors what they see.
+STUN_CLIENT = r"""
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
+u.bind(("", int(sys.argv[1])))
+for spec in sys.argv[2:]:
+    a, p = spec.rsplit(":", 1)
+    for _ in range(3):
+        u.sendto(b"binding", (a, int(p)))
+        try:
+            print(u.recvfrom(200)[0].decode()); break
+        except TimeoutError:
+            continue
+    else:
+        print("timeout")
+"""
+
+# Sends from the reflector's port to a given external endpoint (a third party that was never asked).
+POKE = r"""
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+a, p = sys.argv[1].rsplit(":", 1)
+for _ in range(5):
+    u.sendto(b"unsolicited", (a, int(p)))
+"""
+
+# Asks a reflector for its mapping, then waits for anything else on the same socket.
+LISTEN_AFTER_BINDING = r"""
+import socket, sys, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(1)
+u.bind(("", int(sys.argv[1])))
+a, p = sys.argv[2].rsplit(":", 1)
+u.sendto(b"binding", (a, int(p)))
+print(u.recvfrom(200)[0].decode(), flush=True)
+end = time.monotonic() + float(sys.argv[3])
+got = 0
+while time.monotonic() < end:
+    try:
+        data, peer = u.recvfrom(200)
+        if data == b"unsolicited":
+            got += 1
+    except TimeoutError:
+        pass
+print(got, flush=True)
+"""
+
+
+def start_reflector(lab: Any, node: str, *endpoints: str) -> None:
+    proc = lab.popen(node, [sys.executable, "-c", REFLECTOR, *endpoints], stdout=-1, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+
+
+def nat_config(**rule: str) -> dict[str, Any]:
+    return {"inside": ["in1", "in2"], "outside": "out0",
+            "snat": [{"from": "10.0.0.0/16", "ports": "20000-29999", **rule}]}
+
+
+@pytest.mark.parametrize("local_port", [25001, 40001], ids=["port-in-range", "port-outside-range"])
+def test_endpoint_independent_mapping(lab: Any, natd_factory: Any, local_port: int) -> None:
+    """RFC 4787 REQ-1: one inside ip:port keeps one external ip:port for every destination (three
+    server endpoints: two ports of srv1, one of srv2), also when the port itself cannot be kept."""
+    natd_factory(lab, nat_config())
+    srv1, srv2 = lab.addr("srv1"), lab.addr("srv2")
+    start_reflector(lab, "srv1", f"{srv1}:3478", f"{srv1}:3479")
+    start_reflector(lab, "srv2", f"{srv2}:3478")
+    seen = lab.exec("host1", [sys.executable, "-c", STUN_CLIENT, str(local_port), f"{srv1}:3478",
+                              f"{srv1}:3479", f"{srv2}:3478"], timeout=30).stdout.split()
+    assert len(seen) == 3 and "timeout" not in seen
+    assert len(set(seen)) == 1, f"mapping changed with the destination: {seen}"
+    ip, port = seen[0].split(":")
+    assert ip == lab.addr("gw", "out0")
+    assert int(port) == local_port if 20000 <= local_port <= 29999 else 20000 <= int(port) <= 29999
+
+
+def test_address_and_port_dependent_mapping_when_configured(lab: Any, natd_factory: Any) -> None:
+    natd_factory(lab, nat_config(mapping="address-and-port-dependent"))
+    srv1, srv2 = lab.addr("srv1"), lab.addr("srv2")
+    start_reflector(lab, "srv1", f"{srv1}:3478", f"{srv1}:3479")
+    start_reflector(lab, "srv2", f"{srv2}:3478")
+    seen = lab.exec("host1", [sys.executable, "-c", STUN_CLIENT, "40002", f"{srv1}:3478", f"{srv1}:3479",
+                              f"{srv2}:3478"], timeout=30).stdout.split()
+    assert "timeout" not in seen and len(set(seen)) >= 2  # fresh random ports (three equal: p ~ 1e-8)
+
+
+@pytest.mark.parametrize("filtering,expect", [("address-and-port-dependent", 0),
+                                              ("endpoint-independent", 5)])
+def test_filtering(lab: Any, natd_factory: Any, filtering: str, expect: int) -> None:
+    """RFC 4787 REQ-8: after host1 talked to srv1, srv2 (never contacted) sends to host1's mapping:
+    dropped under address-and-port-dependent filtering (the default), delivered under
+    endpoint-independent filtering (full cone)."""
+    natd_factory(lab, nat_config(filtering=filtering))
+    srv1 = lab.addr("srv1")
+    start_reflector(lab, "srv1", f"{srv1}:3478")
+    listener = lab.popen("host1", [sys.executable, "-c", LISTEN_AFTER_BINDING, "40003", f"{srv1}:3478", "3"],
+                         stdout=-1, text=True)
+    assert listener.stdout is not None
+    mapping = listener.stdout.readline().strip()
+    lab.exec("srv2", [sys.executable, "-c", POKE, mapping], timeout=10)
+    out, _ = listener.communicate(timeout=15)
+    assert int(out.strip()) == expect
+
+
+# Rendezvous: registers two peers' external endpoints, then tells each about the other.
+RENDEZVOUS = r"""
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((sys.argv[1], 3478)); u.settimeout(30)
+print("ready", flush=True)
+peers = {}
+while len(peers) < 2:
+    data, peer = u.recvfrom(200)
+    peers[data.decode()] = peer
+(na, pa), (nb, pb) = peers.items()
+u.sendto(f"{pb[0]}:{pb[1]}".encode(), pa)
+u.sendto(f"{pa[0]}:{pa[1]}".encode(), pb)
+"""
+
+# A peer: registers, learns the other's endpoint, then both sides send until each has heard the other.
+PEER = r"""
+import socket, sys, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(0.2); u.bind(("", 40000))
+name, server = sys.argv[1], sys.argv[2]
+end = time.monotonic() + 20
+other = None
+while other is None and time.monotonic() < end:
+    u.sendto(name.encode(), (server, 3478))
+    try:
+        data, peer = u.recvfrom(200)
+        if peer[0] == server:
+            other = data.decode()
+    except TimeoutError:
+        pass
+a, p = other.rsplit(":", 1)
+heard = 0
+for _ in range(40):  # bounded: 40 x 0.2 s
+    u.sendto(f"hello from {name}".encode(), (a, int(p)))
+    try:
+        data, peer = u.recvfrom(200)
+        if data.startswith(b"hello from"):
+            heard += 1
+            if heard >= 3:
+                break
+    except TimeoutError:
+        pass
+print(other, heard)
+"""
+
+
+def test_udp_hole_punching_between_two_natd_sites(lab_factory: Any, natd_factory: Any) -> None:
+    """Two hosts, each behind its own natd (endpoint-independent mapping, address-and-port-dependent
+    filtering: the defaults), learn each other's external endpoint from a rendezvous server and then
+    talk directly: each one's first datagrams open its own NAT for the other (RFC 4787 REQ-1, REQ-8)."""
+    lab = lab_factory("two-sites")
+    for site, subnet in (("a", "10.0.1.0/24"), ("b", "10.0.2.0/24")):
+        natd_factory(lab, {"instance": f"{lab.prefix}{site}", "inside": ["in1"], "outside": "out0",
+                           "snat": [{"from": subnet, "ports": "20000-29999"}]}, node=f"gw_{site}")
+    srv = lab.addr("srv")
+    rendezvous = lab.popen("srv", [sys.executable, "-c", RENDEZVOUS, srv], stdout=-1, text=True)
+    assert rendezvous.stdout is not None and rendezvous.stdout.readline().strip() == "ready"
+    peers = {site: lab.popen(f"host_{site}", [sys.executable, "-c", PEER, site, srv], stdout=-1, text=True)
+             for site in ("a", "b")}
+    results = {site: p.communicate(timeout=40)[0].split() for site, p in peers.items()}
+    assert results["a"][0].startswith(lab.addr("gw_b", "out0") + ":")  # a learnt b's external endpoint
+    assert results["b"][0].startswith(lab.addr("gw_a", "out0") + ":")
+    assert int(results["a"][1]) >= 1 and int(results["b"][1]) >= 1, results  # each heard the other
