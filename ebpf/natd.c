@@ -21,6 +21,7 @@
 #include "nat.h"
 #include "icmp_error.h"
 #include "hairpin.h"
+#include "frag.h"
 
 int xdp_inside(struct xdp_md *ctx)
 {
@@ -29,8 +30,11 @@ int xdp_inside(struct xdp_md *ctx)
 	struct bpf_fib_lookup fib;
 	struct ext_addr_info *ext;
 	struct l4_fields f = {};
+	struct frag_key fk = {};
 	struct ct_entry *e;
 	struct ct_key key = {};
+	__be32 frag_addr;
+	int first_frag;
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	__u32 reason = 0;
@@ -71,8 +75,20 @@ int xdp_inside(struct xdp_md *ctx)
 	if (!outbound)
 		return verdict(ctx, XDP_PASS, STAT_PASS_INSIDE_ROUTE);
 
-	if (ip_is_fragment(ip) || ip->ihl != 5)
+	if (ip->ihl != 5)
 		return verdict(ctx, XDP_DROP, STAT_DROP_UNSUPPORTED);
+	if (ip_is_later_fragment(ip)) {
+		frag_addr = frag_lookup(ip);
+		if (!frag_addr)
+			return verdict(ctx, XDP_DROP, STAT_DROP_FRAG_UNKNOWN);
+		frag_set_saddr(ip, frag_addr);
+		stat_count(STAT_FRAG_TRANSLATED, bytes);
+		if (fib_rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+			return verdict(ctx, XDP_PASS, STAT_PASS_NO_NEIGH);
+		return count_action(ctx, fib_redirect(eth, ip, &fib));
+	}
+	first_frag = ip_is_fragment(ip);
+	frag_key_of(ip, &fk);
 	l4 = parse_l4_fields(&c, ip, &f, ICMP_ECHO);
 	if (l4 < 0)
 		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
@@ -92,6 +108,8 @@ int xdp_inside(struct xdp_md *ctx)
 	ct_update(e, f.tcp, CT_DIR_ORIG, bytes);
 	ct_track_inside_ack(e, f.tcp);
 	snat_rewrite(ip, &f, e->nat_addr, e->nat_port);
+	if (first_frag)
+		frag_remember(&fk, e->nat_addr);
 	stat_count(STAT_SNAT_OUT, bytes);
 
 	/* Unresolved next hop: the kernel forwards this (already translated) packet and resolves the
@@ -109,13 +127,15 @@ int xdp_outside(struct xdp_md *ctx)
 	struct ext_addr_info *ext;
 	struct ct_reply_value *rv = NULL;
 	struct l4_fields f = {};
+	struct frag_key fk = {};
 	struct ct_key rk = {};
 	struct ct_entry *e = NULL;
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	__u32 reason = 0;
+	__be32 frag_addr;
 	__u16 port;
-	int fib_rc, l4, rc;
+	int fib_rc, l4, rc, first_frag;
 
 	eth = parse_ethhdr(&c);
 	if (!eth)
@@ -133,8 +153,18 @@ int xdp_outside(struct xdp_md *ctx)
 			return verdict(ctx, XDP_DROP, STAT_DROP_TO_PRIVATE);
 		return verdict(ctx, XDP_PASS, STAT_PASS_LOCAL);
 	}
-	if (ip_is_fragment(ip) || ip->ihl != 5)
+	if (ip->ihl != 5)
 		return verdict(ctx, XDP_PASS, STAT_PASS_UNSUPPORTED);
+	if (ip_is_later_fragment(ip)) {
+		frag_addr = frag_lookup(ip);
+		if (!frag_addr)
+			return verdict(ctx, XDP_PASS, STAT_PASS_FRAG_UNKNOWN);
+		frag_set_daddr(ip, frag_addr);
+		stat_count(STAT_FRAG_TRANSLATED, bytes);
+		goto forward;
+	}
+	first_frag = ip_is_fragment(ip);
+	frag_key_of(ip, &fk);
 	l4 = parse_l4_fields(&c, ip, &f, ICMP_ECHOREPLY);
 	if (l4 < 0)
 		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
@@ -168,7 +198,10 @@ int xdp_outside(struct xdp_md *ctx)
 
 	ct_update(e, f.tcp, CT_DIR_REPLY, bytes);
 	dnat_rewrite(ip, &f, rv->orig.saddr, rv->orig.sport);
+	if (first_frag)
+		frag_remember(&fk, rv->orig.saddr);
 	stat_count(STAT_DNAT_IN, bytes);
+forward:
 
 	fib_rc = fib_lookup_v4(ctx, &fib, ip, ip->saddr, ip->daddr, bpf_ntohs(ip->tot_len));
 	if (fib_rc == BPF_FIB_LKUP_RET_SUCCESS)

@@ -20,6 +20,7 @@ MAX_RULES = 1024
 MAX_IFACES = 64
 MAX_FORWARDS = 4096
 MAX_STATIC = 1024
+MAX_FRAGS = 8192
 EVENTS_RING_BYTES = 1 << 20  # the nat_events ring buffer (ebpf/lib/maps.h)
 RULE_STATIC = 0xFFFFFFFE  # rule_id of flows made by a static 1:1 mapping
 RULE_FORWARD = 0xFFFFFFFF  # rule_id of flows opened through a port forward
@@ -104,6 +105,9 @@ class Stat(enum.IntEnum):
     CT_NEW_INBOUND = 30
     HAIRPIN = 31
     EVENTS_LOST = 32
+    FRAG_TRANSLATED = 33
+    DROP_FRAG_UNKNOWN = 34
+    PASS_FRAG_UNKNOWN = 35
 
 
 STAT_MAX = len(Stat)
@@ -237,6 +241,15 @@ class SnatRuleValue(_Struct):
         ("flags", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
     ]
+
+
+class FragKey(_Struct):
+    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32), ("id", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class FragValue(_Struct):
+    _fields_ = [("seen_ns", ctypes.c_uint64), ("addr", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class ExtEndpoint(_Struct):

@@ -106,6 +106,24 @@ struct snat_rule {
 	__u32 pad;
 };
 
+#define NATD_MAX_FRAGS 8192
+/* Non-first fragments carry no ports: the first fragment's translation is remembered briefly, keyed
+ * by what every fragment of a datagram shares (RFC 791: source, destination, protocol, identification),
+ * as it arrived (before translation). */
+struct frag_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct frag_value {
+	__u64 seen_ns;            /* first fragment's time: entries older than NATD_FRAG_TTL_NS are ignored */
+	__be32 addr;              /* the translated address: new source (outbound) or destination (inbound) */
+	__u32 pad;
+};
+
 /* An external endpoint (key of eif_owners). */
 struct ext_endpoint {
 	__be32 addr;
@@ -181,6 +199,9 @@ enum natd_stat {
 	STAT_CT_NEW_INBOUND,      /* flows opened from the internet through a port forward or static NAT */
 	STAT_HAIRPIN,             /* inside -> external address -> inside, translated both ways */
 	STAT_EVENTS_LOST,         /* NAT events not queued: the nat_events ring buffer was full */
+	STAT_FRAG_TRANSLATED,     /* a non-first fragment translated like its datagram's first fragment */
+	STAT_DROP_FRAG_UNKNOWN,   /* a non-first fragment from inside whose first fragment natd never saw */
+	STAT_PASS_FRAG_UNKNOWN,   /* the same from the internet: the kernel's (untranslated, it is local) */
 	STAT_MAX,
 };
 

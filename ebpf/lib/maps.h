@@ -37,6 +37,9 @@ BPF_TABLE_PINNED("hash", __be32, __be32, static_in, NATD_MAX_STATIC, NATD_PIN_DI
  * flow) and replaced, so the map needs no sweeping. */
 BPF_TABLE_PINNED("lru_hash", struct ext_endpoint, struct ct_key, eif_owners, NATD_CT_MAX,
 		 NATD_PIN_DIR "/eif_owners");
+/* First fragments' translations, for the fragments that follow (LRU: bounded, never swept). */
+BPF_TABLE_PINNED("lru_hash", struct frag_key, struct frag_value, frag_map, NATD_MAX_FRAGS,
+		 NATD_PIN_DIR "/frag_map");
 /* ifindex -> 1 for every outside interface: a FIB result through one of them means "leaves the NAT". */
 BPF_TABLE_PINNED("hash", __u32, __u32, outside_ifaces, NATD_MAX_IFACES, NATD_PIN_DIR "/outside_ifaces");
 BPF_TABLE_PINNED("percpu_array", __u32, struct stat_counter, stats, STAT_MAX, NATD_PIN_DIR "/stats");

@@ -17,6 +17,7 @@ struct hdr_cursor {
 	void *pos;
 	void *end;
 	void *limit;
+	__u8 more_fragments;   /* a first fragment: L4 lengths cover the whole datagram, not this frame */
 };
 
 static __always_inline struct ethhdr *parse_ethhdr(struct hdr_cursor *c)
@@ -46,6 +47,7 @@ static __always_inline struct iphdr *parse_iphdr(struct hdr_cursor *c)
 	if (bpf_ntohs(ip->tot_len) < hdrlen || c->pos + bpf_ntohs(ip->tot_len) > c->end)
 		return NULL;
 	c->limit = c->pos + bpf_ntohs(ip->tot_len);
+	c->more_fragments = !!(ip->frag_off & bpf_htons(0x2000));
 	c->pos += hdrlen;
 	return ip;
 }
@@ -68,7 +70,9 @@ static __always_inline struct udphdr *parse_udphdr(struct hdr_cursor *c)
 
 	if ((void *)(udp + 1) > c->end || (void *)(udp + 1) > c->limit)
 		return NULL;
-	if (bpf_ntohs(udp->len) < sizeof(*udp) || (void *)udp + bpf_ntohs(udp->len) > c->limit)
+	if (bpf_ntohs(udp->len) < sizeof(*udp))
+		return NULL;
+	if (!c->more_fragments && (void *)udp + bpf_ntohs(udp->len) > c->limit)
 		return NULL;
 	c->pos = udp + 1;
 	return udp;
@@ -82,6 +86,12 @@ static __always_inline struct icmphdr *parse_icmphdr(struct hdr_cursor *c)
 		return NULL;
 	c->pos = icmp + 1;
 	return icmp;
+}
+
+/* A fragment other than the first: no L4 header in it. */
+static __always_inline int ip_is_later_fragment(const struct iphdr *ip)
+{
+	return (ip->frag_off & bpf_htons(0x1fff)) != 0;
 }
 
 static __always_inline int ip_is_fragment(const struct iphdr *ip)
