@@ -14,6 +14,7 @@ natd_conntrack_create_races_total          CT_CREATE_RACE: another CPU created t
 natd_icmp_errors_translated_total{direction}  ICMP_ERROR_IN / ICMP_ERROR_OUT: ICMP errors about mapped flows
                                            translated to the inside host (in) or out to the internet (out)
 natd_hairpin_packets_total                 HAIRPIN: inside -> external address -> inside (RFC 4787 REQ-9)
+natd_fragments_translated_total            FRAG_TRANSLATED: later fragments translated via the first
 natd_packets_total / natd_bytes_total      see "Traffic directions" below
 natd_packets_dropped_total{reason}         every DROP_* counter; reason = the name without DROP_,
                                            lower-case (malformed, no_mapping, port_exhausted, ...)
@@ -386,6 +387,9 @@ class NatdCollector:
         icmp.add_metric(["in"], packets(Stat.ICMP_ERROR_IN))
         icmp.add_metric(["out"], packets(Stat.ICMP_ERROR_OUT))
         yield icmp
+        yield CounterMetricFamily("natd_fragments_translated_total",
+                                  "Non-first IPv4 fragments translated like their datagram's first fragment.",
+                                  value=packets(Stat.FRAG_TRANSLATED))
         yield CounterMetricFamily("natd_hairpin_packets_total",
                                   "Packets from an inside host to an external address of this NAT, "
                                   "translated out and back in (hairpinning).", value=packets(Stat.HAIRPIN))

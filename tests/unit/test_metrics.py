@@ -242,7 +242,7 @@ def test_describe_matches_collect_and_has_no_samples(config: Config) -> None:
         "natd_reaper_last_duration_seconds", "natd_reaper_last_success_timestamp_seconds",
         "natd_stats_read_success", "natd_connection_attempts", "natd_connections_established",
         "natd_port_allocation_errors", "natd_conntrack_create_races", "natd_icmp_errors_translated",
-        "natd_hairpin_packets",
+        "natd_fragments_translated", "natd_hairpin_packets",
         "natd_packets", "natd_bytes",
         "natd_packets_dropped", "natd_packets_passed", "natd_xdp_verdicts", "natd_events_lost",
         "natd_events_write_errors",
