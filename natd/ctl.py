@@ -731,12 +731,16 @@ def run(argv: Sequence[str] | None = None, *,
             return list_flows(tables, flt, settings.timeouts, now_ns, output, out, err)
         if command == "count":
             return count_flows(tables, flt, out)
+        # natd logs DESTROY events for what natctl deleted from its pinned maps (not from test fakes)
+        pinned = isinstance(tables, PinnedTables)
         if command == "delete":
             return delete_flows(tables, flt, settings.timeouts, now_ns, output, out, err,
-                                lambda flows: notify_destroyed(settings, flows, "delete", err, connect))
+                                (lambda flows: notify_destroyed(settings, flows, "delete", err, connect))
+                                if pinned else None)
         if command == "flush":
             return flush_flows(tables, err,
-                               lambda flows: notify_destroyed(settings, flows, "flush", err, connect))
+                               (lambda flows: notify_destroyed(settings, flows, "flush", err, connect))
+                               if pinned else None)
         if command == "stats":
             return show_stats(tables, output, out)
         return show_status(tables, pin_info(tables, settings), settings, output, out)

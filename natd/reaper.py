@@ -37,7 +37,8 @@ table costs one more :meth:`Tables.flow_table` whatever the number of expired fl
 between that re-read and its delete (up to the length of the re-read plus the deletes) is lost. The
 reaper picks per sweep:
 
-* per key, when ``Tables.lookup_flow`` exists and the expired flows number at most
+* per key (:meth:`Tables.lookup_flows`), when the Tables can look keys up (its ``lookup_flow`` is not
+  None) and the expired flows number at most
   ``RECHECK_LOOKUP_MAX`` (65536, ~0.26 s), or their lookups (``LOOKUP_COST_S`` each) would take no
   longer than this sweep's own :meth:`Tables.flow_table` read did;
 * otherwise (mass expiry after a SYN flood, or a Tables without ``lookup_flow``): one more
@@ -45,8 +46,9 @@ reaper picks per sweep:
   still expired in it, ``DELETE_CHUNK`` at a time.
 
 So the re-check never costs more than max(0.26 s, one table read), and prefers the exact method whenever
-it is not the more expensive one. bench/README.md has the measured costs (1M flows: a table read is
-~0.1-0.2 s, so a mass expiry of more than ~65536 flows takes the re-read path).
+it is not the more expensive one. Measured (bench/reaper_sweep.py, bench/README.md; 1M flows on a 2-core
+VM): a table read is ~0.35-0.4 s of kernel time, a lookup ~3.5 us, so up to ~100k expired flows are
+re-checked key by key; a whole sweep takes ~0.8 s with a few expired flows, ~1.5 s with 100k.
 
 Nothing is deleted that was refreshed before its re-check. No user-space reaper can close the last window
 (a packet between the re-check and the delete syscall) without a compare-and-delete in the kernel; idle
@@ -56,9 +58,11 @@ late packet.
 The deleted flows are handed to ``on_delete`` (the NAT event log's hook), one call per deleted chunk, as
 the entry was when re-checked (its final counters), after the sweep has released its lock.
 
-Threads and the GIL: the syscalls (batch reads, lookups, deletes) and the numpy work release the GIL, so
-a sweep of a million flows holds it for a few milliseconds at a time at most; the daemon's main loop
-(signals, sd_notify watchdog) and the metrics server keep running while it works.
+Threads and the GIL: the syscalls (batch reads, lookups, deletes) and the numpy work release the GIL, and
+the batch reads land in buffers that are never zeroed or copied in Python, so a sweep of a million flows
+holds the GIL for a few milliseconds at a time at most; and every batch syscall stops after
+``natd.bpfsys.BATCH_CHUNK`` entries, so on a non-preemptible kernel the CPU is not held either. The
+daemon's main loop (signals, sd_notify watchdog) and the metrics server keep running while it works.
 
 :class:`ReaperThread` runs sweeps off the daemon's main thread (signals, sd_notify watchdog, metrics) and
 never lets an exception out: a failed sweep is logged, counted and retried at the next interval.

@@ -920,8 +920,10 @@ def _translatable(frame: bytes, entry: str) -> int | None:
     if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[14] != 0x45:
         return None
     tot = struct.unpack("!H", frame[16:18])[0]
-    if tot < 20 or 14 + tot > len(frame) or struct.unpack("!H", frame[20:22])[0] & 0x3FFF:
+    frag = struct.unpack("!H", frame[20:22])[0]
+    if tot < 20 or 14 + tot > len(frame) or frag & 0x1FFF:  # later fragments: _later_fragment()
         return None
+    first_fragment = bool(frag & 0x2000)  # its UDP length covers the whole datagram
     if entry == "inside" and frame[22] <= 1:
         return None
     proto, l4_len = frame[23], tot - 20
@@ -930,11 +932,21 @@ def _translatable(frame: bytes, entry: str) -> int | None:
         return None
     if proto == TCP_P and not 5 <= frame[46] >> 4 <= l4_len // 4:
         return None
-    if proto == UDP_P and not 8 <= struct.unpack("!H", frame[38:40])[0] <= l4_len:
+    udp_len = struct.unpack("!H", frame[38:40])[0] if proto == UDP_P else 0
+    if proto == UDP_P and not (8 <= udp_len and (first_fragment or udp_len <= l4_len)):
         return None
     if proto == ICMP_P and (frame[34], frame[35]) != ((8 if entry == "inside" else 0), 0):
         return None
     return proto
+
+
+def _later_fragment(frame: bytes) -> bool:
+    """A well-formed IPv4 fragment other than the first: natd may only give it the address it gave the
+    first fragment of its datagram (source inside, destination outside)."""
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[14] != 0x45:
+        return False
+    tot = struct.unpack("!H", frame[16:18])[0]
+    return 20 <= tot and 14 + tot <= len(frame) and bool(struct.unpack("!H", frame[20:22])[0] & 0x1FFF)
 
 
 def _icmp_error(frame: bytes) -> bool:
@@ -1125,6 +1137,12 @@ def test_fuzz_random_frames(natd_dp: NatDatapath) -> None:
         if proto is None and _icmp_error(frame):
             _check_icmp_error_translation(entry, frame, run.data)
             assert after == before, "an ICMP error created a flow"
+            return
+        if proto is None and _later_fragment(frame):
+            addr = {26, 27, 28, 29} if entry == "inside" else {30, 31, 32, 33}
+            assert changed_offsets(frame, run.data) <= _L2_L3 | addr, "a later fragment: address only"
+            assert _ocsum(frame[14:34]) % 0xFFFF == _ocsum(run.data[14:34]) % 0xFFFF, "IP checksum"
+            assert after == before, "a later fragment created a flow"
             return
         assert proto is not None, f"{entry}: a frame natd must not translate was changed: {frame.hex()}"
         if entry == "inside":

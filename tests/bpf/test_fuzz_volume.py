@@ -22,10 +22,12 @@ Invariants, per frame:
   * a translated frame has the IP, L4 (and for ICMP errors the quoted IP and quoted L4) checksums as valid
     as they came in: valid stays valid, and an invalid one stays exactly as wrong (RFC 1624 updates);
     UDP checksum 0 stays 0 and a non-zero one never becomes 0;
-  * the conntrack table grows by at most one entry per frame (CT_NEW counter per frame; a hairpin frame
-    may open two: the sender's flow and the target's inbound flow), only with a frame that was
-    translated, and per batch of frames the table grew by exactly the per-frame count, with both halves
-    (ct_orig and ct_reply) of every flow.
+  * the conntrack table grows by at most one entry per frame (the CT_NEW insertion counter, read after
+    every frame, bounds it; a hairpin frame may open two: the sender's flow and the target's inbound
+    flow); a frame that leaves untranslated leaves no flow of its tuple behind (except, by design, a
+    hairpinned UDP datagram nobody receives: the sender's mapping stays, RFC 4787 REQ-9 hole punching);
+    and per batch of 1000 frames the table grew by at most the inserted count, with both halves (ct_orig
+    and ct_reply) of every flow.
 
 NATD_FUZZ_FRAMES=1000000 is the long run (see docs/security.md for its last time and outcome);
 NATD_FUZZ_SEED picks another seed. The summary is printed (pytest -s).
@@ -241,7 +243,7 @@ class FrameGen:
         self._sweep: Iterator[tuple[str, bytes, str]] | None = None
         # per frame; truncation sweeps (every offset of one frame) make up TRUNC_SHARE of all frames
         kinds = {"in-l4": 25, "out-reply": 22, "out-rand": 12, "hairpin": 5, "icmp-err": 14, "icmp-any": 8,
-                 "vlan": 5, "ipv6": 2, "arp": 1, "garbage": 6}
+                 "frags": 4, "vlan": 5, "ipv6": 2, "arp": 1, "garbage": 6}
         self.kinds = [k for k, w in kinds.items() for _ in range(w)]
         self.total = self.swept = 0
 
@@ -395,6 +397,37 @@ class FrameGen:
             return "inside", self.hairpin()
         return self.icmp_error()
 
+    def fragments(self) -> Iterator[tuple[str, bytes, str]]:
+        """One datagram in fragments (8-byte multiples): first, then the rest; sometimes reordered, one
+        with TTL 0/1, or a stray later fragment of a datagram natd never saw the start of."""
+        r = self.r
+        entry = r.choice(("inside", "outside"))
+        if entry == "inside":
+            src, dst, echo = r.choice(self.inside_src[:8]), a4(SRV), 8
+            sport, dport = self.port(), self.port()
+        elif self.mappings:
+            m = r.choice(self.mappings)
+            src, dst, echo, sport, dport = m.remote, m.ext, 0, m.rport, m.eport
+        else:
+            return
+        proto = r.choice((TCP_P, UDP_P, ICMP_P))
+        seg = self.l4(proto, src, dst, sport, dport, echo) + r.randbytes(r.choice((16, 40, 100)))
+        if proto == UDP_P:  # the UDP length covers the whole datagram
+            seg = seg[:4] + struct.pack("!H", len(seg)) + seg[6:]
+        ident = r.randrange(65536)
+        hdr = self.eth_in if entry == "inside" else self.eth_out
+        size = r.choice((8, 24, 32))
+        pieces = [(off, seg[off:off + size]) for off in range(0, len(seg), size)]
+        if r.random() < 0.2:
+            pieces = pieces[1:] + pieces[:1]  # the first arrives last
+        if r.random() < 0.1:
+            ident ^= 0x5A5A  # none of them matches a datagram natd saw the start of
+        for n, (off, data) in enumerate(pieces):
+            last = off + size >= len(seg)
+            ttl = r.choice((0, 1)) if n and r.random() < 0.15 else 64
+            yield entry, hdr + ip_hdr(src, dst, proto, len(data), ttl=ttl, ident=ident,
+                                      frag=(0 if last else 0x2000) | off // 8) + data, "frags"
+
     def sweep(self) -> Iterator[tuple[str, bytes, str]]:
         """Truncations of one base frame at every offset."""
         entry, frame = self.base()
@@ -464,11 +497,14 @@ class FrameGen:
             if self._sweep is not None:
                 item = next(self._sweep, None)
                 if item is not None:
-                    self.swept += 1
+                    self.swept += item[2] == "trunc"
                     yield item
                     continue
                 self._sweep = None
             kind = r.choice(self.kinds)
+            if kind == "frags":
+                self._sweep = self.fragments()
+                continue
             if kind == "in-l4":
                 yield "inside", self.maybe_mutate(self.inside_l4(), 0.3), kind
             elif kind == "out-reply":
@@ -512,21 +548,32 @@ class FrameGen:
 
 def ip_ok(frame: bytes) -> int | None:
     """The IP total length of a frame natd may translate: Ethernet + IPv4, IHL 5, total length within the
-    frame, not a fragment."""
+    frame (fragments included: see frag_offset)."""
     if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[14] != 0x45:
         return None
     tot = (frame[16] << 8) | frame[17]
-    if tot < 20 or 14 + tot > len(frame) or ((frame[20] << 8) | frame[21]) & 0x3FFF:
+    if tot < 20 or 14 + tot > len(frame):
         return None
     return tot
 
 
+def frag_offset(frame: bytes) -> int:
+    return ((frame[20] << 8) | frame[21]) & 0x1FFF
+
+
+def more_fragments(frame: bytes) -> bool:
+    return bool(frame[20] & 0x20)
+
+
 def l4_ok(frame: bytes, tot: int, echo_type: int) -> bool:
+    """The L4 header is whole and sane. In a first fragment (MF) the UDP length is the datagram's, which
+    the fragment does not hold: only its minimum is checked."""
     proto, l4len = frame[23], tot - 20
     if proto == TCP_P:
         return l4len >= 20 and 5 <= frame[46] >> 4 <= l4len // 4
     if proto == UDP_P:
-        return l4len >= 8 and 8 <= ((frame[38] << 8) | frame[39]) <= l4len
+        ulen = (frame[38] << 8) | frame[39]
+        return l4len >= 8 and ulen >= 8 and (more_fragments(frame) or ulen <= l4len)
     if proto == ICMP_P:
         return l4len >= 8 and frame[34] == echo_type and frame[35] == 0
     return False
@@ -566,9 +613,9 @@ class Violation(AssertionError):
 # Violations of a known, reported bug: counted and reported instead of failing the volume run, each
 # reproduced by its own strict xfail test below. Remove the entry when that test starts to pass.
 KNOWN_BUGS = {
-    "hairpin-flow-leak": "hairpin: the sender's outbound flow is created before the inbound half is found; "
-                         "when that fails the frame is dropped but the flow stays (test_hairpin_drop_leaves_"
-                         "no_flow)",
+    "later-fragment-ttl": "xdp_outside translates and redirects a later fragment whatever its TTL (the "
+                          "goto forward skips the TTL <= 1 check): TTL 1 leaves as 0, TTL 0 as 255 "
+                          "(test_outside_later_fragment_with_expiring_ttl_is_not_forwarded)",
 }
 
 
@@ -579,6 +626,8 @@ class Checker:
     gen: FrameGen
     macs: dict[str, bytes]
     seen: collections.Counter[str] = field(default_factory=collections.Counter)
+    # (src, dst, proto, id) of a datagram whose first fragment was translated -> the address it got
+    frags: dict[bytes, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.ct_orig = self.dp.tables.map("ct_orig")
@@ -625,17 +674,25 @@ class Checker:
         if out == frame:
             if retval == XDP_REDIRECT:
                 raise Violation("redirected without the MAC/TTL rewrite")
-            if new:
-                hairpin = entry == "inside" and ip_ok(frame) is not None and frame[30:34] in self.model.ext
-                raise Violation("a flow was created but its packet was not translated",
-                                "hairpin-flow-leak" if hairpin else "")
+            if new and self.left_a_flow(entry, frame):
+                # by design (hairpin.h): a hairpinned UDP datagram nobody receives keeps the sender's
+                # mapping, as a datagram to an unresponsive destination does (hole punching, RFC 4787
+                # REQ-9); TCP must leave nothing behind
+                hairpin = entry == "inside" and frame[30:34] in self.model.ext
+                if not (hairpin and frame[23] == UDP_P and new == 1 and retval == XDP_DROP):
+                    raise Violation("a frame natd did not translate left a flow behind")
+                self.seen["hairpin udp mapping kept"] += 1
+            elif new:
+                self.seen["flow created and removed again"] += 1
             self.seen[f"{entry} unchanged"] += 1
             return
         if retval == XDP_DROP:
             raise Violation("a dropped frame was rewritten")
         tot = ip_ok(frame)
         if tot is None or frame[22] <= 1:
-            raise Violation("rewrote a frame that is not a well-formed IPv4 packet with TTL > 1")
+            bug = tot is not None and entry == "outside" and frag_offset(frame) > 0
+            raise Violation("rewrote a frame that is not a well-formed IPv4 packet with TTL > 1",
+                            "later-fragment-ttl" if bug else "")
         # layer 2 and TTL: set by a redirect only
         if retval == XDP_REDIRECT:
             if out[22] != frame[22] - 1 or out[6:12] not in self.gw_macs or out[0:6] not in self.nbr_macs:
@@ -643,6 +700,10 @@ class Checker:
         elif out[0:12] != frame[0:12] or out[22] != frame[22]:
             raise Violation("passed to the kernel with MACs or TTL changed")
         proto = frame[23]
+        fkey = frame[26:34] + bytes([proto]) + frame[18:20]
+        if frag_offset(frame):
+            self.check_later_fragment(entry, frame, out, fkey, new)
+            return
         if proto == ICMP_P and frame[34] in ICMP_ERRORS:
             self.check_icmp_error(entry, frame, out, tot, new)
             return
@@ -694,6 +755,40 @@ class Checker:
         self.seen[f"{kind} {({TCP_P: 'tcp', UDP_P: 'udp', ICMP_P: 'icmp'})[proto]}"] += 1
         if new:
             self.seen[f"{kind} new flow"] += 1
+        if more_fragments(frame):  # a first fragment: its later fragments follow it
+            self.frags[fkey] = out[26:30] if entry == "inside" else out[30:34]
+            self.seen[f"{kind} first fragment"] += 1
+
+    def check_later_fragment(self, entry: str, frame: bytes, out: bytes, fkey: bytes, new: int) -> None:
+        """A fragment without L4 header: only the address its first fragment got may change."""
+        if new:
+            raise Violation("a later fragment opened a flow")
+        want = self.frags.get(fkey)
+        if want is None:
+            raise Violation("translated a later fragment whose first fragment was never translated")
+        addr = (26, 30) if entry == "inside" else (30, 34)
+        if out[addr[0]:addr[1]] != want:
+            raise Violation("a later fragment got another address than its first fragment")
+        allowed = L2_L3 | set(range(*addr))
+        if not changed(frame, out) <= allowed:
+            raise Violation(f"later fragment: changed bytes outside its address: "
+                            f"{sorted(changed(frame, out) - allowed)}")
+        if osum(frame[14:34]) != osum(out[14:34]):
+            raise Violation("later fragment: IP checksum not updated in step with the address")
+        self.seen[f"{entry} later fragment"] += 1
+
+    def left_a_flow(self, entry: str, frame: bytes) -> bool:
+        """Is there a flow for this (untranslated) frame's own tuple? True when it cannot be told."""
+        tot = ip_ok(frame)
+        if tot is None or frame[23] not in (TCP_P, UDP_P, ICMP_P) or tot < 28:
+            return True
+        sport, dport = ports(frame)
+        icmp = frame[23] == ICMP_P
+        if entry == "inside":
+            return self.ct_orig.lookup(ct_key(frame[26:30], frame[30:34], sport, 0 if icmp else dport,
+                                              frame[23])) is not None
+        return self.ct_reply.lookup(ct_key(frame[26:30], frame[30:34], 0 if icmp else sport, dport,
+                                           frame[23])) is not None
 
     def check_new_mapping(self, src: bytes, sport: int, nat: bytes, nport: int, proto: int) -> None:
         if src in self.model.static_out:
@@ -849,9 +944,11 @@ def test_fuzz_volume_frames(natd_dp: NatDatapath) -> None:
                         f"{exc}\n  entry {entry}, kind {kind}, frame #{done} of seed {SEED}, verdict "
                         f"{res.retval}, conntrack +{new}\n  in : {frame.hex()}\n  out: {res.data.hex()}"
                     ) from None
+            # CT_NEW counts insertions; nothing else deletes during the run but natd itself (a hairpin
+            # TCP segment that goes nowhere takes its flow back out), so it bounds the growth
             n_orig, n_reply = checker.count()
-            assert n_orig - base_orig == grown, (
-                f"the table grew by {n_orig - base_orig}, the frames created {grown} flows (CT_NEW)")
+            assert n_orig - base_orig <= grown, (
+                f"the table grew by {n_orig - base_orig}, the frames inserted {grown} flows (CT_NEW)")
             assert n_orig == n_reply, f"{n_orig} ct_orig entries but {n_reply} ct_reply entries"
             if n_orig > CT_MAX // 2:  # keep room; the harvested mappings are gone with the flows
                 dp.clear_flows()
@@ -871,7 +968,8 @@ def test_fuzz_volume_frames(natd_dp: NatDatapath) -> None:
     dp.clear_flows()
     # the invariants were not vacuous: every kind of translation happened, and every kind of refusal
     must = ["snat tcp", "snat udp", "snat icmp", "dnat tcp", "dnat udp", "dnat icmp", "dnat new flow",
-            "icmp-error in", "icmp-error out", "icmp-error full quote verified",
+            "icmp-error in", "icmp-error out", "icmp-error full quote verified", "snat first fragment",
+            "dnat first fragment", "inside later fragment", "outside later fragment",
             "inside unchanged", "outside unchanged", "inside redirect", "outside redirect"]
     if hasattr(Stat, "HAIRPIN"):
         must.append("hairpin tcp")
@@ -884,27 +982,47 @@ def test_fuzz_volume_frames(natd_dp: NatDatapath) -> None:
     assert refused > 0 and done >= FRAMES
 
 
-@pytest.mark.xfail(strict=True, reason="hairpin (ebpf/lib/hairpin.h): nat_out_flow() creates the sender's "
-                   "flow before nat_in_flow() looks for the target; when there is none (an unmapped NAT "
-                   "port, or a non-SYN to a port forward) the frame is dropped and the sender's flow stays "
-                   "(TCP mid-stream: ESTABLISHED, 7440 s), so an inside host fills the table with dropped "
-                   "frames")
-@pytest.mark.parametrize("what", ["udp-to-unmapped-nat-port", "tcp-fin-to-port-forward"])
-def test_hairpin_drop_leaves_no_flow(dp: NatDatapath, what: str) -> None:
-    """A hairpin frame natd drops leaves no conntrack entry behind (a dropped frame never opens state)."""
+@pytest.mark.parametrize("what", ["udp-to-unmapped-nat-port", "tcp-fin-to-port-forward",
+                                  "tcp-syn-to-unmapped-nat-port"])
+def test_hairpin_drop_leaves_no_tcp_flow(dp: NatDatapath, what: str) -> None:
+    """A hairpinned frame nobody is behind is dropped. TCP leaves no conntrack entry; UDP keeps the
+    sender's mapping by design (hairpin.h: what hairpinned hole punching needs, RFC 4787 REQ-9)."""
     model = Model.load()
     gen = FrameGen(random.Random(1), dp.mac, model)
     src, gw = a4("10.0.1.43"), a4(GW_OUT)
+    lo, _hi = model.ext[gw]
     if what == "udp-to-unmapped-nat-port":
-        lo, _hi = model.ext[gw]
-        seg = udp_dgram(src, gw, 40001, lo + 7, b"probe")
-        proto = UDP_P
+        seg, proto = udp_dgram(src, gw, 40001, lo + 7, b"probe"), UDP_P
+    elif what == "tcp-syn-to-unmapped-nat-port":
+        seg, proto = tcp_seg(src, gw, 40001, lo + 7, 0x02, 1000, 0), TCP_P
     else:
-        (addr, port, proto), _ = next((k, v) for k, v in model.forwards.items() if k[2] == TCP_P)
-        gw = addr
+        (gw, port, proto), _ = next((k, v) for k, v in model.forwards.items() if k[2] == TCP_P)
         seg = tcp_seg(src, gw, 40001, port, 0x11, 1000, 2000)  # FIN|ACK: not a SYN
     frame = gen.eth_in + ip_hdr(src, gw, proto, len(seg)) + seg
-    before = len(dp.flows())
     run = dp.inside(frame)
     assert run.retval == XDP_DROP and run.data == frame
-    assert len(dp.flows()) == before, "a dropped hairpin frame left a conntrack entry"
+    left = dp.flows()
+    if proto == TCP_P:
+        assert left == [], "a dropped hairpin TCP segment left a conntrack entry"
+    else:
+        assert [(str(k.src), k.src_port) for k, _ in left] == [("10.0.1.43", 40001)]
+
+
+@pytest.mark.xfail(strict=True, reason="xdp_outside: a later fragment found in frag_map jumps to 'forward:' "
+                   "past the TTL <= 1 check every other translated packet gets, so it is translated and "
+                   "redirected with TTL 1 -> 0 (and 0 -> 255: ip_decrease_ttl wraps) instead of going to "
+                   "the kernel (Time Exceeded), as its first fragment would have")
+@pytest.mark.parametrize("ttl", [1, 0])
+def test_outside_later_fragment_with_expiring_ttl_is_not_forwarded(dp: NatDatapath, ttl: int) -> None:
+    model = Model.load()
+    gen = FrameGen(random.Random(1), dp.mac, model)
+    host, srv, gw = a4(HOST1), a4(SRV), a4(GW_OUT)
+    out = dp.inside(gen.eth_in + ip_hdr(host, srv, UDP_P, 8) + udp_dgram(host, srv, 40000, 53))
+    assert out.retval == XDP_REDIRECT
+    eport = struct.unpack("!H", out.data[34:36])[0]
+    whole = udp_dgram(srv, gw, 53, eport, bytes(40))
+    first = gen.eth_out + ip_hdr(srv, gw, UDP_P, 24, ident=77, frag=0x2000) + whole[:24]
+    later = gen.eth_out + ip_hdr(srv, gw, UDP_P, 24, ident=77, frag=3, ttl=ttl) + whole[24:]
+    assert dp.outside(first).retval == XDP_REDIRECT
+    run = dp.outside(later)
+    assert run.retval != XDP_REDIRECT, f"a fragment with TTL {ttl} was forwarded with TTL {run.data[22]}"

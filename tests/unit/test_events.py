@@ -540,3 +540,33 @@ def test_natctl_E_without_natd(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert rc == 1
     assert (f"natctl: error: no natd event socket at {tmp_path}/events/edge.sock (No such file or "
             "directory): is natd running with instance 'edge'?") in err
+
+
+# --- metrics ---------------------------------------------------------------------------------------------
+
+
+def test_metrics_count_lost_events_and_write_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from natd.config import parse_config
+    from natd.maps import Stat
+    from natd.metrics import NatdCollector, ReaperStatus
+
+    tables = FakeTables(ncpu=2)
+    tables.counters[0][Stat.EVENTS_LOST] = (5, 0)
+    tables.counters[1][Stat.EVENTS_LOST] = (2, 0)
+    monkeypatch.setattr(events, "MAX_PENDING_DESTROY", 1)
+    pump = pump_for(LogConfig(events=str(tmp_path)))  # a directory: every write fails
+    pump.on_delete([flow()])
+    pump.on_delete([flow()])  # one waiting already: dropped
+    pump.step(0)
+    config = parse_config("inside: [a]\noutside: b\nsnat: [{from: 10.0.0.0/8}]\n")
+    registry = CollectorRegistry()
+    registry.register(NatdCollector(tables, config, ReaperStatus(), events=pump))
+    assert registry.get_sample_value("natd_events_lost_total") == 5 + 2 + 1
+    assert registry.get_sample_value("natd_events_write_errors_total") == 1
+    registry = CollectorRegistry()
+    registry.register(NatdCollector(tables, config, ReaperStatus()))  # natd without an event pump
+    assert registry.get_sample_value("natd_events_lost_total") == 7
+    assert registry.get_sample_value("natd_events_write_errors_total") == 0
+    pump.finish()

@@ -111,7 +111,11 @@ def test_service_settings() -> None:
     assert one(svc, "WatchdogSec") == "30"
     assert one(svc, "Restart") == "on-failure"
     assert one(svc, "ExecReload") == "/bin/kill -HUP $MAINPID"
-    assert one(svc, "ExecStartPre") == f"{NATD} --check-config /etc/natd/natd.yaml"
+    check, mount = values(svc, "ExecStartPre")
+    assert check == f"{NATD} --check-config /etc/natd/natd.yaml"
+    assert mount.startswith("+") and "mount -t bpf bpf /run/natd/bpf" in mount  # privileged, idempotent
+    assert one(svc, "RuntimeDirectory") == "natd"
+    assert one(svc, "RuntimeDirectoryPreserve") == "yes"  # or a stop would unpin a hitless restart's maps
     assert one(svc, "ExecStart") == f"{NATD} --config /etc/natd/natd.yaml"
     assert one(unit["Install"], "WantedBy") == "multi-user.target"
 
@@ -121,7 +125,7 @@ def test_hardening_keeps_what_the_datapath_needs() -> None:
     assert set(one(svc, "CapabilityBoundingSet").split()) == {"CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"}
     assert values(svc, "SystemCallFilter") == ["@system-service", "~@privileged @resources", "bpf"]
     writable = {path for line in values(svc, "ReadWritePaths") for path in line.split()}
-    assert writable == {"/sys/fs/bpf", "/proc/sys/net/ipv4/conf"}  # pins; accept_local (natd/sysctl.py)
+    assert writable == {"/run/natd", "/proc/sys/net/ipv4/conf"}  # pins, status, events; accept_local
     assert one(svc, "ProtectKernelTunables") == "yes"
     assert one(svc, "ProtectSystem") == "strict"
     assert one(svc, "MemoryDenyWriteExecute") == "yes"
