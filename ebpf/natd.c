@@ -154,11 +154,13 @@ int xdp_outside(struct xdp_md *ctx)
 		return verdict(ctx, XDP_PASS, STAT_PASS_LOCAL);
 	}
 	if (ip->ihl != 5)
-		return verdict(ctx, XDP_PASS, STAT_PASS_UNSUPPORTED);
+		return pass_to_owner(ctx, ip, STAT_PASS_UNSUPPORTED);
 	if (ip_is_later_fragment(ip)) {
 		frag_addr = frag_lookup(ip);
 		if (!frag_addr)
-			return verdict(ctx, XDP_PASS, STAT_PASS_FRAG_UNKNOWN);
+			return pass_to_owner(ctx, ip, STAT_PASS_FRAG_UNKNOWN);
+		if (ip->ttl <= 1)
+			return pass_to_owner(ctx, ip, STAT_PASS_TTL);
 		frag_set_daddr(ip, frag_addr);
 		stat_count(STAT_FRAG_TRANSLATED, bytes);
 		goto forward;
@@ -171,7 +173,7 @@ int xdp_outside(struct xdp_md *ctx)
 	if (l4 > 0) {
 		if (f.icmp && icmp_is_error(f.icmp->type))
 			return icmp_error_in(ctx, &c, eth, ip, f.icmp, ext);
-		return verdict(ctx, XDP_PASS, ip->protocol == IPPROTO_ICMP ? STAT_PASS_ICMP_OTHER : STAT_PASS_LOCAL);
+		return pass_to_owner(ctx, ip, ip->protocol == IPPROTO_ICMP ? STAT_PASS_ICMP_OTHER : STAT_PASS_LOCAL);
 	}
 
 	rk.saddr = ip->saddr;
@@ -189,7 +191,7 @@ int xdp_outside(struct xdp_md *ctx)
 		port = bpf_ntohs(*f.dport);
 		if (ip->protocol != IPPROTO_ICMP && port >= ext->port_min && port <= ext->port_max)
 			return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
-		return verdict(ctx, XDP_PASS, STAT_PASS_LOCAL);
+		return pass_to_owner(ctx, ip, STAT_PASS_LOCAL);
 	}
 	if (ip->ttl <= 1)
 		return verdict(ctx, XDP_PASS, STAT_PASS_TTL);

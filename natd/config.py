@@ -404,7 +404,9 @@ class SnatRule(_Section):
         AfterValidator(_unique("address")),
     ] = []
     ports: PortRange = PortRange(1024, 32767)
-    # RFC 4787 §4.1 / §5; defaults: REQ-1 (MUST) and REQ-8's secure choice (what AWS does)
+    # RFC 4787 §4.1 / §5; defaults: REQ-1 (MUST) for mapping, and for filtering the strict option AWS
+    # NAT Gateway uses (REQ-8 recommends endpoint-independent for transparency, address-dependent for
+    # stringency; natd offers endpoint-independent and address-and-port-dependent)
     mapping: Annotated[Literal["endpoint-independent", "address-and-port-dependent"],
                        BeforeValidator(_choice("mapping", MAPPINGS))] = "endpoint-independent"
     filtering: Annotated[Literal["address-and-port-dependent", "endpoint-independent"],

@@ -518,7 +518,7 @@ def _reasons(totals: StatTotals, prefix: str) -> tuple[int, str]:
 def status_data(tables: Tables, info: PinInfo, settings: Settings) -> dict[str, Any]:
     """Everything `natctl status` shows, as JSON-ready data."""
     totals = sum_stats(tables.stats_per_cpu())
-    entries, limit = len(tables.flows()), tables.ct_max()
+    entries, limit = len(tables.flow_table()), tables.ct_max()
     return {
         "instance": settings.instance,
         "layout": LAYOUT_VERSION,

@@ -90,7 +90,7 @@ struct lpm_v4_key {
 };
 
 /* NAT behaviour of a rule (RFC 4787 §4.1, §5). Defaults: endpoint-independent mapping (REQ-1) and
- * address-and-port-dependent filtering (REQ-8, what AWS does). */
+ * address-and-port-dependent filtering (the strict choice, what AWS NAT Gateway does). */
 enum snat_rule_flags {
 	SNAT_F_APDM = 1 << 0,     /* mapping: address-and-port-dependent (a fresh random port per flow) */
 	SNAT_F_EIF = 1 << 1,      /* filtering: endpoint-independent ("full cone", for peer-to-peer) */

@@ -6,6 +6,7 @@
 
 #include <linux/if_ether.h>
 #include "csum.h"
+#include "stats.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -29,6 +30,19 @@ static __always_inline int fib_lookup_v4(struct xdp_md *ctx, struct bpf_fib_look
 static __always_inline int fib_is_outside(__u32 ifindex)
 {
 	return outside_ifaces.lookup(&ifindex) != NULL;
+}
+
+/* Hand a packet for an external address to the kernel only when that address is the gateway's own:
+ * a pool address merely routed to the gateway would be routed straight back out by the kernel, and
+ * bounce between the gateway and its upstream until the TTL runs out. Off the fast path (only packets
+ * natd does not translate get here). */
+static __always_inline int pass_to_owner(struct xdp_md *ctx, const struct iphdr *ip, __u32 reason)
+{
+	struct bpf_fib_lookup p;
+
+	if (fib_lookup_v4(ctx, &p, ip, ip->saddr, ip->daddr, 0) == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return verdict(ctx, XDP_PASS, reason);
+	return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
 }
 
 /* Only after BPF_FIB_LKUP_RET_SUCCESS: p has both MACs and the egress ifindex. */

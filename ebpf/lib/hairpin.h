@@ -33,9 +33,10 @@ static __always_inline int nat_hairpin(struct xdp_md *ctx, struct hdr_cursor *c,
 	rc = parse_l4_fields(c, ip, &f, ICMP_ECHO);
 	if (rc < 0)
 		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
-	/* pings and anything else for the external address itself: the gateway answers */
+	/* pings and anything else for the external address itself: the gateway answers, if the address is
+	 * its own (else the kernel would forward it out with a private source) */
 	if (rc > 0 || ip->protocol == IPPROTO_ICMP)
-		return verdict(ctx, XDP_PASS, STAT_PASS_LOCAL);
+		return pass_to_owner(ctx, ip, STAT_PASS_LOCAL);
 	key.saddr = ip->saddr;
 	key.daddr = ip->daddr;
 	key.sport = *f.sport;
@@ -49,7 +50,7 @@ static __always_inline int nat_hairpin(struct xdp_md *ctx, struct hdr_cursor *c,
 	rk.proto = ip->protocol;
 	if ((port < ext->port_min || port > ext->port_max) &&
 	    inbound_target(&rk, &inside, &inside_port, &rule_id) != 0 && !ct_orig.lookup(&key))
-		return verdict(ctx, XDP_PASS, STAT_PASS_LOCAL);
+		return pass_to_owner(ctx, ip, STAT_PASS_LOCAL);
 
 	fresh = !ct_orig.lookup(&key);
 	if (nat_out_flow(&key, &f, &out, &reason) < 0)

@@ -128,7 +128,7 @@ static __always_inline int icmp_error_in(struct xdp_md *ctx, struct hdr_cursor *
 	if (rc < 0)
 		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
 	if (rc > 0)
-		return verdict(ctx, XDP_PASS, STAT_PASS_ICMP_OTHER);
+		return pass_to_owner(ctx, ip, STAT_PASS_ICMP_OTHER);
 	rk.saddr = q.ip->daddr;
 	rk.daddr = q.ip->saddr;
 	rk.sport = q.ip->protocol == IPPROTO_ICMP ? 0 : *q.dport;
@@ -140,7 +140,7 @@ static __always_inline int icmp_error_in(struct xdp_md *ctx, struct hdr_cursor *
 		 * can be anything): the kernel's business */
 		port = bpf_ntohs(*q.sport);
 		if (q.ip->protocol == IPPROTO_ICMP || port < ext->port_min || port > ext->port_max)
-			return verdict(ctx, XDP_PASS, STAT_PASS_ICMP_OTHER);
+			return pass_to_owner(ctx, ip, STAT_PASS_ICMP_OTHER);
 		return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
 	}
 	if (ip->ttl <= 1)

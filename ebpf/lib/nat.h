@@ -78,7 +78,9 @@ static __always_inline int eif_port_taken(__be32 ext, __be16 port, const struct 
 	return ct_orig.lookup(anchor) != NULL;
 }
 
-/* The newest flow becomes the owner's anchor, so the mapping stays open as long as any flow lives. */
+/* The newest flow becomes the owner's anchor: the mapping stays open to new remotes while that flow
+ * lives (an older, longer-lived flow of the same endpoint does not hold it open; the endpoint's next
+ * new flow re-anchors it). */
 static __always_inline void eif_claim(__be32 ext, __be16 port, struct ct_key *orig)
 {
 	struct ext_endpoint ep = { .addr = ext, .port = port, .proto = orig->proto };

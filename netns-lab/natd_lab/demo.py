@@ -92,7 +92,10 @@ def run() -> int:
         res = natd.natctl("-L")
         print(res.stdout.rstrip())
         print(res.stderr.rstrip())
-        banner("natd's metrics (selected)")
+        banner("natd's metrics (selected; entry counts come from the reaper's sweeps)")
+        deadline = time.monotonic() + 10
+        while natd.metric("natd_conntrack_entries") is None and time.monotonic() < deadline:
+            time.sleep(0.5)  # the first sweep after the flows above
         for line in natd.metrics().splitlines():
             if line.startswith(("natd_conntrack_entries", "natd_connection", "natd_xdp_verdicts",
                                 "natd_packets_total", "natd_packets_dropped_total{reason=\"no_mapping")):

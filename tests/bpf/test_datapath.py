@@ -933,7 +933,7 @@ def _translatable(frame: bytes, entry: str) -> int | None:
     if proto == TCP_P and not 5 <= frame[46] >> 4 <= l4_len // 4:
         return None
     udp_len = struct.unpack("!H", frame[38:40])[0] if proto == UDP_P else 0
-    if proto == UDP_P and not (8 <= udp_len and (first_fragment or udp_len <= l4_len)):
+    if proto == UDP_P and not (udp_len >= 8 and (first_fragment or udp_len <= l4_len)):
         return None
     if proto == ICMP_P and (frame[34], frame[35]) != ((8 if entry == "inside" else 0), 0):
         return None
@@ -946,7 +946,7 @@ def _later_fragment(frame: bytes) -> bool:
     if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[14] != 0x45:
         return False
     tot = struct.unpack("!H", frame[16:18])[0]
-    return 20 <= tot and 14 + tot <= len(frame) and bool(struct.unpack("!H", frame[20:22])[0] & 0x1FFF)
+    return tot >= 20 and 14 + tot <= len(frame) and bool(struct.unpack("!H", frame[20:22])[0] & 0x1FFF)
 
 
 def _icmp_error(frame: bytes) -> bool:

@@ -271,8 +271,9 @@ def test_forward_is_per_protocol(dp: NatDatapath) -> None:
 
 
 def test_forward_only_address(dp: NatDatapath) -> None:
-    """192.0.2.30 has a forward and no snat rule: the forwarded port opens flows, every other port is the
-    kernel's (NO_NAT_PORTS: an empty NAT range)."""
+    """192.0.2.30 has a forward and no snat rule: the forwarded port opens flows; every other port would
+    be the kernel's (NO_NAT_PORTS: an empty NAT range), but the address is only routed to the gateway, not
+    configured on it, so the kernel would route it straight back out: dropped instead."""
     run = dp.outside(from_internet(dp, client_tcp("S", dport=FWD_ONLY[0]), dst=FWD_ONLY_ADDR))
     assert run.retval == XDP_REDIRECT
     assert run.data == to_host(dp, client_tcp("S", dport=FWD_ONLY[2]), HOST1)
@@ -282,8 +283,8 @@ def test_forward_only_address(dp: NatDatapath) -> None:
         frame = from_internet(dp, client_tcp("S", dport=dport), dst=FWD_ONLY_ADDR)
         with dp.counting() as d:
             run = dp.outside(frame)
-        assert_untouched(run, frame, XDP_PASS)
-        assert d[Stat.PASS_LOCAL] == 1
+        assert_untouched(run, frame, XDP_DROP)
+        assert d[Stat.DROP_NO_MAPPING] == 1
     assert len(dp.flows()) == 1
 
 
@@ -425,12 +426,13 @@ def test_static_inbound_non_syn_without_flow_dropped(dp: NatDatapath, flags: str
 
 
 def test_echo_request_to_static_address_not_forwarded(dp: NatDatapath) -> None:
-    """natd maps no inbound echo: a ping to the static address is the kernel's, not the inside host's."""
+    """natd maps no inbound echo: a ping to the static address does not reach the inside host, and the
+    address is not the gateway's own (it must not be, see natd.rules), so it is dropped, not looped."""
     frame = from_internet(dp, ICMP(type=8, id=99, seq=1), dst=STATIC_OUTSIDE)
     with dp.counting() as d:
         run = dp.outside(frame)
-    assert_untouched(run, frame, XDP_PASS)
-    assert d.nonzero() == {"XDP_PASS": 1, "PASS_ICMP_OTHER": 1}
+    assert_untouched(run, frame, XDP_DROP)
+    assert d.nonzero() == {"XDP_DROP": 1, "DROP_NO_MAPPING": 1}
     assert dp.flows() == []
 
 

@@ -66,8 +66,9 @@ def test_inside_rst_is_trusted(dp: NatDatapath) -> None:
     assert flow(dp, HOST1, SRV, 40000, 80, TCP_P).state == CtState.CLOSE
 
 
-def test_new_ports_keep_parity_and_the_1024_class(dp: NatDatapath) -> None:
-    """Source ports outside the NAT range (40000+) get a random port in 20000-29999 of the same parity."""
+def test_new_ports_keep_parity(dp: NatDatapath) -> None:
+    """Source ports outside the NAT range (40000+) get a port in 20000-29999 of the same parity
+    (RFC 4787 REQ-4); the 0-1023 class split of REQ-3a is not exercised by this rule's range."""
     for sport in range(40100, 40140):
         run = dp.inside(bytes(eth_in(dp) / IP(src=HOST1, dst=SRV, ttl=64) / TCP(sport=sport, dport=81)))
         assert run.retval == XDP_REDIRECT

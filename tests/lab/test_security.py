@@ -492,12 +492,6 @@ def test_full_port_scan_reaches_no_private_host(sec: Any, tmp_path: Path) -> Non
     assert elapsed < 180
 
 
-@pytest.mark.xfail(strict=True, reason="natd passes traffic for a pool address's ports outside the NAT range "
-                   "(and ICMP) to the kernel (PASS_LOCAL), but the kernel does not own a routed pool "
-                   "address: it routes the packet back out of out0 to the upstream router, which routes "
-                   "the pool to the gateway again, until the TTL runs out (~28 round trips per probe). "
-                   "Workaround today: a blackhole (or local) route per pool address, as the sec fixture "
-                   "sets")
 def test_pool_address_ports_outside_the_nat_range_do_not_loop(sec: Any, tmp_path: Path) -> None:
     lab, _ = sec
     lab.exec("gw", ["ip", "route", "del", "blackhole", f"{POOL_ADDR}/32"])
@@ -557,7 +551,7 @@ def test_direct_routing_to_private_addresses_is_dropped(sec: Any, tmp_path: Path
 def test_spoofed_udp_replies_are_filtered_by_address_and_port(sec: Any, tmp_path: Path) -> None:
     """host1 has a UDP flow with srv1:18200. srv2 sends to the flow's external port from its own address,
     from srv1's port on another address and from srv1's address on another port: address-and-port-
-    dependent filtering (RFC 4787 REQ-8 strictest) drops all of them as no_mapping and host1 never sees
+    dependent filtering (natd's default, RFC 4787 §5) drops all of them as no_mapping and host1 never sees
     one. A datagram with the exact 4-tuple (srv1's address and port, spoofed) does get through: natd cannot
     tell it from srv1; only source validation upstream (BCP 38) prevents that."""
     lab, natd = sec
