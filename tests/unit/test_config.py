@@ -136,7 +136,8 @@ ERROR_CASES = [
         snat:
           - from: 10.0.0.0/8
             prots: 1024-2047
-        """, 5, "snat[0].prots", "unknown key 'prots'; known keys: from, to, ports, mapping, filtering; did you mean 'ports'?",
+        """, 5, "snat[0].prots",
+        "unknown key 'prots'; known keys: from, to, ports, mapping, filtering; did you mean 'ports'?",
         id="unknown-nested"),
     pytest.param("""
         inside: [eth1]

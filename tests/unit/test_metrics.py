@@ -253,7 +253,8 @@ def test_exposition_text(config: Config) -> None:
     status = ReaperStatus()
     status.update(sweep(), 1.0)
     text = generate_latest(registry_for(NatdCollector(counting_tables(), config, status))).decode()
-    assert f"# TYPE natd_connection_attempts_total counter\nnatd_connection_attempts_total {packets(Stat.CT_NEW)}\n" in text
+    attempts = packets(Stat.CT_NEW)
+    assert f"# TYPE natd_connection_attempts_total counter\nnatd_connection_attempts_total {attempts}\n" in text
     assert ("# HELP natd_conntrack_entries Flows in the conntrack table, counted by the reaper's last sweep "
             "(scrapes never walk the table, which can hold millions of entries).\n") in text
     assert 'natd_packets_dropped_total{reason="port_exhausted"} 122.0\n' in text
