@@ -254,7 +254,8 @@ def test_exposition_text(config: Config) -> None:
     status.update(sweep(), 1.0)
     text = generate_latest(registry_for(NatdCollector(counting_tables(), config, status))).decode()
     attempts = packets(Stat.CT_NEW)
-    assert f"# TYPE natd_connection_attempts_total counter\nnatd_connection_attempts_total {attempts}\n" in text
+    assert (f"# TYPE natd_connection_attempts_total counter\n"
+            f"natd_connection_attempts_total {attempts}\n") in text
     assert ("# HELP natd_conntrack_entries Flows in the conntrack table, counted by the reaper's last sweep "
             "(scrapes never walk the table, which can hold millions of entries).\n") in text
     assert 'natd_packets_dropped_total{reason="port_exhausted"} 122.0\n' in text
