@@ -452,5 +452,5 @@ def machine_description() -> dict[str, str]:
     os_name = next((line.split("=", 1)[1].strip('"') for line in read("/etc/os-release").splitlines()
                     if line.startswith("PRETTY_NAME=")), "?")
     return {"kernel": os.uname().release, "cpu": f"{model} x {os.cpu_count()}", "memory": mem,
-            "virtualization": virt or "?", "os": os_name, "python": sys.version.split()[0],
+            "systemd-detect-virt": virt or "?", "os": os_name, "python": sys.version.split()[0],
             "loadavg": read("/proc/loadavg").strip()}

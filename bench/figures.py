@@ -66,6 +66,7 @@ def window(a: Snap, b: Snap, count: int | None = None) -> dict[str, float]:
     out = {"seconds": cpu.seconds, "count": n, "rate": n / cpu.seconds if cpu.seconds > 0 else 0.0,
            "gw_busy": cpu.busy_frac, "gw_busy_s": cpu.busy_s, "napi_s": cpu.threads_s,
            "daemon_cpu_s": (b.daemon_ns - a.daemon_ns) / 1e9}
+    out["napi_busy"] = cpu.threads_s / cpu.seconds if cpu.seconds > 0 else 0.0
     out["ns_per_pkt"] = cpu.busy_s * 1e9 / n if n else 0.0
     out["napi_ns_per_pkt"] = cpu.threads_s * 1e9 / n if n else 0.0
     return out

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     res = {
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]),
         "rounds": args.rounds, "systems": args.systems, "params": dataclasses.asdict(p),
         "machine": machine_description(), "load_start": load_start, "load_end": loadavg(),
         "offloads": bl.settings, "runs": runner.runs, "fast_path": runner.fast_path, "errors": runner.errors,

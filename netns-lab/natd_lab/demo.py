@@ -11,42 +11,10 @@ from __future__ import annotations
 import sys
 import time
 
+from .apps import start_peer_echo, tcp_ask, udp_ask
 from .lab import Lab
 from .natd import NatdInLab
 from .topology import load_topology
-
-# Answers each TCP connection with "you are IP:PORT" (the peer address the server sees), and UDP too.
-ECHO_SERVER = r"""
-import socket, sys, threading
-addr = sys.argv[1]
-def tcp():
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((addr, 8080)); s.listen(64)
-    while True:
-        c, peer = s.accept()
-        c.sendall(f"you are {peer[0]}:{peer[1]}\n".encode()); c.close()
-def udp():
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((addr, 5353))
-    while True:
-        data, peer = u.recvfrom(2048)
-        u.sendto(f"you are {peer[0]}:{peer[1]}\n".encode(), peer)
-threading.Thread(target=udp, daemon=True).start()
-print("ready", flush=True)
-tcp()
-"""
-
-TCP_CLIENT = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], 8080), timeout=5)
-print(s.recv(200).decode().strip())
-"""
-
-UDP_CLIENT = r"""
-import socket, sys
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
-u.sendto(b"hello", (sys.argv[1], 5353))
-print(u.recv(200).decode().strip())
-"""
 
 
 def banner(text: str) -> None:
@@ -74,17 +42,13 @@ def run() -> int:
         natd.start()
         print(f"natd is READY after {time.monotonic() - t0:.1f} s; config:\n{natd.config_path.read_text()}")
 
-        server = lab.popen("srv1", [sys.executable, "-c", ECHO_SERVER, srv1], stdout=-1, text=True)
-        assert server.stdout is not None
-        server.stdout.readline()
+        start_peer_echo(lab, "srv1", 8080, 5353)
 
         banner(f"TCP from the private hosts to srv1 {srv1}:8080 (srv1 answers with the client it sees)")
         for host in ("host1", "host2"):
-            out = lab.exec(host, [sys.executable, "-c", TCP_CLIENT, srv1], timeout=15).stdout.strip()
-            print(f"{host} ({lab.addr(host)}) -> srv1 says: {out}")
+            print(f"{host} ({lab.addr(host)}) -> srv1 saw it come from {tcp_ask(lab, host, srv1, 8080)}")
         banner(f"UDP from host1 to srv1 {srv1}:5353")
-        out = lab.exec("host1", [sys.executable, "-c", UDP_CLIENT, srv1], timeout=15).stdout.strip()
-        print(f"host1 -> srv1 says: {out}")
+        print(f"host1 -> srv1 saw it come from {udp_ask(lab, 'host1', srv1, 5353)}")
         banner(f"ping from host2 to srv2 {srv2}")
         print(lab.exec("host2", ["ping", "-c", "3", "-i", "0.2", srv2], timeout=15).stdout.strip())
 

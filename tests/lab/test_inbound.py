@@ -7,42 +7,9 @@ import sys
 from typing import Any
 
 import pytest
+from natd_lab.apps import TCP_ASK, UDP_ASK, start_peer_echo
 
 pytestmark = pytest.mark.lab
-
-PEER_SERVER = r"""
-import socket, sys, threading
-addr, port = sys.argv[1], int(sys.argv[2])
-def udp():
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((addr, port))
-    while True:
-        data, peer = u.recvfrom(2048)
-        u.sendto(f"{peer[0]}:{peer[1]}".encode(), peer)
-threading.Thread(target=udp, daemon=True).start()
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((addr, port)); s.listen(16)
-print("ready", flush=True)
-while True:
-    c, peer = s.accept()
-    c.sendall(f"{peer[0]}:{peer[1]}\n".encode()); c.close()
-"""
-
-TCP_ASK = r"""
-import socket, sys
-s = socket.socket()
-if len(sys.argv) > 3:
-    s.bind(("", int(sys.argv[3])))
-s.settimeout(5)
-s.connect((sys.argv[1], int(sys.argv[2])))
-print(s.recv(200).decode().strip())
-"""
-
-UDP_ASK = r"""
-import socket, sys
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
-u.sendto(b"hi", (sys.argv[1], int(sys.argv[2])))
-print(u.recv(200).decode())
-"""
 
 STATIC_ADDR = "192.0.2.10"  # inet routes 192.0.2.0/24 to the gateway
 
@@ -60,8 +27,7 @@ def inbound(lab: Any, natd_factory: Any) -> tuple[Any, Any]:
 
 
 def serve(lab: Any, node: str, port: int) -> None:
-    proc = lab.popen(node, [sys.executable, "-c", PEER_SERVER, "0.0.0.0", str(port)], stdout=-1, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    start_peer_echo(lab, node, port, port, addr="0.0.0.0")
 
 
 def test_port_forward_reaches_the_inside_server_with_the_real_client_address(inbound: Any) -> None:

@@ -11,50 +11,9 @@ import time
 from typing import Any
 
 import pytest
+from natd_lab.apps import TCP_ASK, start_peer_echo, tcp_ask, udp_ask
 
 pytestmark = pytest.mark.lab
-
-# A server that answers every TCP connection / UDP datagram with the peer address it sees.
-PEER_ECHO = r"""
-import socket, sys, threading
-addr, tport, uport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-def tcp():
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((addr, tport)); s.listen(512)
-    while True:
-        c, peer = s.accept()
-        try:
-            c.sendall(f"{peer[0]}:{peer[1]}\n".encode())
-        finally:
-            c.close()
-def udp():
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((addr, uport))
-    while True:
-        data, peer = u.recvfrom(2048)
-        u.sendto(f"{peer[0]}:{peer[1]}".encode(), peer)
-threading.Thread(target=udp, daemon=True).start()
-print("ready", flush=True)
-tcp()
-"""
-
-TCP_ASK = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-print(s.recv(200).decode().strip())
-"""
-
-UDP_ASK = r"""
-import socket, sys
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
-for attempt in range(3):
-    u.sendto(b"hi", (sys.argv[1], int(sys.argv[2])))
-    try:
-        print(u.recv(200).decode()); break
-    except TimeoutError:
-        continue
-else:
-    sys.exit("no UDP answer")
-"""
 
 # Opens N connections at once and keeps them all open until every one has its answer.
 MANY_TCP = r"""
@@ -68,13 +27,6 @@ for s in socks:
 """
 
 
-def start_echo(lab: Any, node: str, tport: int, uport: int) -> None:
-    proc = lab.popen(node, [sys.executable, "-c", PEER_ECHO, lab.addr(node), str(tport), str(uport)],
-                     stdout=-1, text=True)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
-
-
 def flows(natd: Any, *filters: str) -> list[dict[str, Any]]:
     res = natd.natctl("-L", "-o", "json", *filters, check=False)
     assert res.returncode in (0, 1), res.stderr
@@ -85,7 +37,7 @@ def test_tcp_udp_icmp_from_two_hosts_see_only_the_external_address(nat_lab: Any)
     lab, natd = nat_lab
     ext = lab.addr("gw", "out0")
     srv1 = lab.addr("srv1")
-    start_echo(lab, "srv1", 18080, 15353)
+    start_peer_echo(lab, "srv1", 18080, 15353)
     procs = {h: lab.popen(h, [sys.executable, "-c", TCP_ASK, srv1, "18080"], stdout=-1, text=True)
              for h in ("host1", "host2")}  # both hosts at once
     seen = {}
@@ -98,7 +50,7 @@ def test_tcp_udp_icmp_from_two_hosts_see_only_the_external_address(nat_lab: Any)
         assert ip == ext, f"srv1 saw {host} as {peer}, not the external address {ext}"
         assert 20000 <= int(port) <= 29999
     for host in ("host1", "host2"):
-        peer = lab.exec(host, [sys.executable, "-c", UDP_ASK, srv1, "15353"], timeout=20).stdout.strip()
+        peer = udp_ask(lab, host, srv1, 15353)
         assert peer.split(":")[0] == ext
     for host in ("host1", "host2"):
         res = lab.exec(host, ["ping", "-c", "3", "-i", "0.2", "-W", "2", lab.addr("srv2")], timeout=20,
@@ -168,9 +120,8 @@ def test_internet_routing_private_prefixes_at_the_gateway_is_dropped(nat_lab: An
 
 def test_gateway_own_connections_still_work(nat_lab: Any) -> None:
     lab, _ = nat_lab
-    start_echo(lab, "srv2", 18081, 15354)
-    peer = lab.exec("gw", [sys.executable, "-c", TCP_ASK, lab.addr("srv2"), "18081"], timeout=15).stdout
-    ip, port = peer.strip().rsplit(":", 1)
+    start_peer_echo(lab, "srv2", 18081, 15354)
+    ip, port = tcp_ask(lab, "gw", lab.addr("srv2"), 18081).rsplit(":", 1)
     assert ip == lab.addr("gw", "out0")
     lo, hi = map(int, lab.exec("gw", ["cat", "/proc/sys/net/ipv4/ip_local_port_range"]).stdout.split())
     assert lo <= int(port) <= hi  # the kernel's own port, untouched by the NAT
@@ -178,7 +129,7 @@ def test_gateway_own_connections_still_work(nat_lab: Any) -> None:
 
 def test_200_concurrent_flows_get_200_distinct_mappings(nat_lab: Any) -> None:
     lab, natd = nat_lab
-    start_echo(lab, "srv1", 18082, 15355)
+    start_peer_echo(lab, "srv1", 18082, 15355)
     out = lab.exec("host1", [sys.executable, "-c", MANY_TCP, lab.addr("srv1"), "18082", "200"],
                    timeout=60).stdout.split()
     assert len(out) == 200

@@ -1,0 +1,82 @@
+"""Tiny network applications for labs, demos and tests, run inside a node with Lab.popen/Lab.exec.
+
+The server answers every TCP connection and UDP datagram with the peer address it saw ("ip:port"), which
+is what a NAT test wants to know: the address the internet sees for a private host.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+from .lab import Lab
+
+# Answers each TCP connection / UDP datagram with "ip:port" of the peer it sees.
+PEER_ECHO = r"""
+import socket, sys, threading
+addr, tport, uport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def udp():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((addr, uport))
+    while True:
+        data, peer = u.recvfrom(2048)
+        u.sendto(f"{peer[0]}:{peer[1]}".encode(), peer)
+threading.Thread(target=udp, daemon=True).start()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((addr, tport)); s.listen(512)
+print("ready", flush=True)
+while True:
+    c, peer = s.accept()
+    try:
+        c.sendall(f"{peer[0]}:{peer[1]}\n".encode())
+    finally:
+        c.close()
+"""
+
+# Connects (optionally from a fixed local port) and prints what the server said.
+TCP_ASK = r"""
+import socket, sys
+s = socket.socket()
+if len(sys.argv) > 3:
+    s.bind(("", int(sys.argv[3])))
+s.settimeout(5)
+s.connect((sys.argv[1], int(sys.argv[2])))
+print(s.recv(200).decode().strip())
+"""
+
+# Sends one datagram (up to three tries) and prints the answer.
+UDP_ASK = r"""
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+for attempt in range(3):
+    u.sendto(b"hi", (sys.argv[1], int(sys.argv[2])))
+    try:
+        print(u.recv(200).decode()); break
+    except TimeoutError:
+        continue
+else:
+    sys.exit("no UDP answer")
+"""
+
+
+def start_peer_echo(lab: Lab, node: str, tcp_port: int, udp_port: int | None = None,
+                    addr: str | None = None) -> subprocess.Popen[Any]:
+    """Start PEER_ECHO on node (its first address unless addr), wait until it listens; lab.down() ends it."""
+    proc = lab.popen(node, [sys.executable, "-c", PEER_ECHO, addr or lab.addr(node), str(tcp_port),
+                            str(udp_port if udp_port is not None else tcp_port)], stdout=-1, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != "ready":
+        raise RuntimeError(f"the echo server on {node} did not start (said {line!r})")
+    return proc
+
+
+def tcp_ask(lab: Lab, node: str, host: str, port: int, local_port: int | None = None,
+            timeout: float = 15) -> str:
+    """What the server at host:port saw node's connection come from."""
+    args = [sys.executable, "-c", TCP_ASK, host, str(port)] + ([str(local_port)] if local_port else [])
+    return lab.exec(node, args, timeout=timeout).stdout.strip()
+
+
+def udp_ask(lab: Lab, node: str, host: str, port: int, timeout: float = 15) -> str:
+    return lab.exec(node, [sys.executable, "-c", UDP_ASK, host, str(port)], timeout=timeout).stdout.strip()
