@@ -1,6 +1,6 @@
 """`make bench`: natd side by side with the kernel's NAT, the kernel without NAT and a bare XDP redirect.
 
-    python -m bench.run                       # full run: 3 rounds, 3 s per figure (about 8-9 minutes)
+    python -m bench.run                       # full run: 3 rounds, 3 s per figure (about 6 minutes)
     python -m bench.run --rounds 5 --seconds 5
     python -m bench.run --smoke --results-dir /tmp/x    # 1 round, tiny counts: the plumbing, not numbers
 
