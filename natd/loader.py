@@ -197,6 +197,10 @@ def remove_pins(pin_dir: str) -> list[str]:
             os.unlink(os.path.join(pin_dir, name))
             removed.append(name)
         os.rmdir(pin_dir)
+    try:  # <pin_root>/<instance>, when no other layout is pinned there
+        os.rmdir(os.path.dirname(pin_dir))
+    except OSError:
+        pass
     return removed
 
 

@@ -61,8 +61,9 @@ enum ct_flags {
 };
 
 /* Value of ct_orig: the conntrack entry. Packets and bytes "orig" are the initiator's (the inside host,
- * or the remote for CT_F_INBOUND flows), "reply" the responder's. Timestamps are bpf_ktime_get_ns(),
- * i.e. CLOCK_MONOTONIC, the clock of Python's time.monotonic_ns(). */
+ * or the remote for CT_F_INBOUND flows), "reply" the responder's. Timestamps are
+ * bpf_ktime_get_coarse_ns(): CLOCK_MONOTONIC at tick resolution, the clock of Python's
+ * time.monotonic_ns() give or take a few ms. */
 struct ct_entry {
 	__u64 created_ns;
 	__u64 last_seen_ns;

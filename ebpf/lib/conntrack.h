@@ -58,7 +58,9 @@ static __always_inline void ct_update(struct ct_entry *e, const struct tcphdr *t
 {
 	if (e->flags & CT_F_INBOUND)
 		dir = !dir;
-	e->last_seen_ns = bpf_ktime_get_ns();
+	/* the coarse clock: CLOCK_MONOTONIC at tick resolution (a few ms, nothing next to a timeout),
+	 * ~30 ns cheaper on every packet (bench/README.md) */
+	e->last_seen_ns = bpf_ktime_get_coarse_ns();
 	if (dir == CT_DIR_REPLY) {
 		__sync_fetch_and_add(&e->packets_reply, 1);
 		__sync_fetch_and_add(&e->bytes_reply, bytes);

@@ -34,7 +34,7 @@ static __always_inline int ct_commit(struct ct_key *orig, struct ct_key *rk, __b
 	struct ct_entry e = {};
 	int err;
 
-	e.created_ns = bpf_ktime_get_ns();
+	e.created_ns = bpf_ktime_get_coarse_ns();  /* the clock of last_seen_ns (ct_update) */
 	e.last_seen_ns = e.created_ns;
 	e.nat_addr = ext;
 	e.nat_port = rk->dport;
