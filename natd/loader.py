@@ -7,6 +7,7 @@ errors still name the real file and line).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -197,10 +198,8 @@ def remove_pins(pin_dir: str) -> list[str]:
             os.unlink(os.path.join(pin_dir, name))
             removed.append(name)
         os.rmdir(pin_dir)
-    try:  # <pin_root>/<instance>, when no other layout is pinned there
+    with contextlib.suppress(OSError):  # <pin_root>/<instance>, when no other layout is pinned there
         os.rmdir(os.path.dirname(pin_dir))
-    except OSError:
-        pass
     return removed
 
 

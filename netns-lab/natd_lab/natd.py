@@ -48,6 +48,8 @@ class NatdInLab:
         self.config = config
         self.dir = Path(tempfile.mkdtemp(prefix=f"natd-{lab.prefix}-"))
         self.config_path = self.dir / "natd.yaml"
+        # the config natd last started with: --detach needs a valid one, and tests break natd.yaml on purpose
+        self.started_config_path = self.dir / "started.yaml"
         self.log_path = self.dir / "natd.log"
         self.notify_path = self.dir / "notify.sock"
         self.write_config(config)
@@ -115,6 +117,7 @@ class NatdInLab:
     def start(self, timeout: float = 90.0, extra_args: list[str] | None = None,
               env: dict[str, str] | None = None) -> NatdInLab:
         self._open_notify()
+        self.started_config_path.write_text(self.config_path.read_text())
         log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **(env or {})}
         self.proc = self.lab.popen(self.node, [_bin("natd"), "--config", str(self.config_path),
@@ -151,7 +154,8 @@ class NatdInLab:
 
     def uninstall(self) -> subprocess.CompletedProcess[str]:
         """natd --detach: program off the interfaces, pins removed."""
-        return self.lab.exec(self.node, [_bin("natd"), "--detach", "--config", str(self.config_path)],
+        config = self.started_config_path if self.started_config_path.exists() else self.config_path
+        return self.lab.exec(self.node, [_bin("natd"), "--detach", "--config", str(config)],
                              timeout=60, check=False)
 
     def close(self) -> None:
