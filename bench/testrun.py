@@ -19,78 +19,27 @@ import statistics
 import struct
 import time
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
 from natd_lab import netops
 
+from natd import bpfsys
+
 from . import sysutil
 
-BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 VERDICTS = {0: "ABORTED", 1: "DROP", 2: "PASS", 3: "TX", 4: "REDIRECT"}
 
 
-class _Opts(ctypes.Structure):  # struct bpf_test_run_opts (libbpf)
-    _fields_ = [
-        ("sz", ctypes.c_size_t),
-        ("data_in", ctypes.c_void_p),
-        ("data_out", ctypes.c_void_p),
-        ("data_size_in", ctypes.c_uint32),
-        ("data_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_void_p),
-        ("ctx_out", ctypes.c_void_p),
-        ("ctx_size_in", ctypes.c_uint32),
-        ("ctx_size_out", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32),
-        ("repeat", ctypes.c_int),
-        ("duration", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-        ("batch_size", ctypes.c_uint32),
-    ]
-
-
-@cache
-def _lib() -> ctypes.CDLL:
-    lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
-    lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_Opts)]
-    lib.bpf_prog_test_run_opts.restype = ctypes.c_int
-    lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
-    lib.bpf_prog_get_fd_by_id.restype = ctypes.c_int
-    return lib
-
-
 def test_run(fd: int, data: bytes, repeat: int, ingress_ifindex: int, live: bool = False) -> tuple[int, int]:
     """(retval, ns per run). The caller's thread must be in the namespace of ingress_ifindex."""
-    opts = _Opts()
-    opts.sz = ctypes.sizeof(_Opts)
-    inbuf = ctypes.create_string_buffer(data, len(data))
-    opts.data_in = ctypes.cast(inbuf, ctypes.c_void_p)
-    opts.data_size_in = len(data)
-    out = ctypes.create_string_buffer(len(data) + 256)
-    if not live:
-        opts.data_out = ctypes.cast(out, ctypes.c_void_p)
-        opts.data_size_out = len(out)
-    # struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-    ctx = (ctypes.c_uint32 * 6)(0, len(data), 0, ingress_ifindex, 0, 0)
-    opts.ctx_in = ctypes.cast(ctx, ctypes.c_void_p)
-    opts.ctx_size_in = ctypes.sizeof(ctx)
-    opts.repeat = repeat
-    if live:
-        opts.flags = BPF_F_TEST_XDP_LIVE_FRAMES
-    rc = _lib().bpf_prog_test_run_opts(fd, ctypes.byref(opts))
-    if rc < 0:
-        err = ctypes.get_errno() or -rc
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
-    return int(opts.retval), int(opts.duration)
+    res = bpfsys.prog_test_run(fd, data, repeat, ingress_ifindex,
+                               flags=bpfsys.BPF_F_TEST_XDP_LIVE_FRAMES if live else 0)
+    return res.retval, res.duration_ns
 
 
 def prog_fd_by_id(prog_id: int) -> int:
-    fd = _lib().bpf_prog_get_fd_by_id(prog_id)
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), f"no BPF program with id {prog_id}")
-    return int(fd)
+    return bpfsys.prog_fd_by_id(prog_id)
 
 
 def xdp_prog_id(namespace: str, ifname: str) -> int:

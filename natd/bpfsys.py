@@ -411,17 +411,26 @@ class TestRunResult:
     duration_ns: int
 
 
-def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ingress_ifindex: int = 0) -> TestRunResult:
-    """BPF_PROG_TEST_RUN on one frame. ingress_ifindex lets FIB lookups see a real interface."""
+BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
+
+
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ingress_ifindex: int = 0,
+                  flags: int = 0) -> TestRunResult:
+    """BPF_PROG_TEST_RUN on one frame. ingress_ifindex lets FIB lookups see a real interface (the calling
+    thread must be in its network namespace). flags=BPF_F_TEST_XDP_LIVE_FRAMES really transmits what the
+    program redirects (a traffic generator); no output frame then."""
+    live = bool(flags & BPF_F_TEST_XDP_LIVE_FRAMES)
     data_out = ctypes.create_string_buffer(len(data) + 256)
     opts = _TestRunOpts()
     opts.sz = ctypes.sizeof(_TestRunOpts)
     inbuf = ctypes.create_string_buffer(data, len(data))
     opts.data_in = ctypes.cast(inbuf, ctypes.c_void_p)
     opts.data_size_in = len(data)
-    opts.data_out = ctypes.cast(data_out, ctypes.c_void_p)
-    opts.data_size_out = len(data_out)
+    if not live:
+        opts.data_out = ctypes.cast(data_out, ctypes.c_void_p)
+        opts.data_size_out = len(data_out)
     opts.repeat = repeat
+    opts.flags = flags
     ctx = None
     if ingress_ifindex:
         # struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
@@ -429,4 +438,16 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ingress_ifindex: i
         opts.ctx_in = ctypes.cast(ctx, ctypes.c_void_p)
         opts.ctx_size_in = ctypes.sizeof(ctx)
     _check(_lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
-    return TestRunResult(int(opts.retval), data_out.raw[:opts.data_size_out], int(opts.duration))
+    return TestRunResult(int(opts.retval), b"" if live else data_out.raw[:opts.data_size_out],
+                         int(opts.duration))
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """A file descriptor of the loaded program with this id (e.g. what is attached to an interface)."""
+    lib = _lib()
+    lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+    lib.bpf_prog_get_fd_by_id.restype = ctypes.c_int
+    fd = lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        raise BpfError(f"no BPF program with id {prog_id}: {os.strerror(ctypes.get_errno() or -fd)}")
+    return int(fd)
