@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from natd_lab.apps import UDP_ASK, start_peer_echo
 from natd_lab.natd import _bin
-
-from .test_nat import UDP_ASK, start_echo
 
 pytestmark = pytest.mark.lab
 
@@ -60,7 +59,7 @@ def test_new_and_destroy_events_are_logged(lab: Any, natd_with_log: Any) -> None
     natd = natd_with_log
     log = natd.dir / "events.log"
     ext = lab.addr("gw", "out0")
-    start_echo(lab, "srv1", 18081, 15354)
+    start_peer_echo(lab, "srv1", 18081, 15354)
     seen = {host: ask_udp(lab, host, 15354) for host in ("host1", "host2")}
     new = wait_for("two NEW events", lambda: [e for e in events_in(log) if e["event"] == "NEW"]
                    if len([e for e in events_in(log) if e["event"] == "NEW"]) >= 2 else None)
@@ -84,7 +83,7 @@ def test_new_and_destroy_events_are_logged(lab: Any, natd_with_log: Any) -> None
 def test_natctl_deletions_and_logrotate(lab: Any, natd_with_log: Any) -> None:
     natd = natd_with_log
     log = natd.dir / "events.log"
-    start_echo(lab, "srv1", 18082, 15355)
+    start_peer_echo(lab, "srv1", 18082, 15355)
     ask_udp(lab, "host1", 15355)
     wait_for("the NEW event", lambda: events_in(log))
     natd.natctl("-D", "-s", lab.addr("host1"))
@@ -126,7 +125,7 @@ def test_natctl_E_follows_events_live(lab: Any, natd_factory: Any) -> None:
     natd.config["conntrack"] = {"timeouts": {"udp_unreplied": TIMEOUT_S, "udp_replied": TIMEOUT_S}}
     natd.write_config(natd.config)
     natd.start()
-    start_echo(lab, "srv1", 18083, 15356)
+    start_peer_echo(lab, "srv1", 18083, 15356)
     argv = [_bin("natctl"), "--instance", natd.instance, "--pin-root", natd.pin_root, "-E"]
     text = lab.popen("gw", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     js = lab.popen("gw", [*argv, "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

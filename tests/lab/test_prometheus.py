@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-
-from .test_nat import UDP_ASK, start_echo
+from natd_lab.apps import UDP_ASK, start_peer_echo
 
 pytestmark = [
     pytest.mark.lab,
@@ -79,7 +78,7 @@ def test_prometheus_sees_what_natctl_counts(lab: Any, natd_factory: Any, tmp_pat
         ready = ["curl", "-sf", f"http://{PROM}/-/ready"]
         wait_for("prometheus to be ready", lambda: lab.exec("gw", ready, check=False).returncode == 0)
         # flows that outlive the test: UDP with a reply (udp_replied: 300 s by default)
-        start_echo(lab, "srv1", 18090, 15390)
+        start_peer_echo(lab, "srv1", 18090, 15390)
         for host in ("host1", "host2", "host1", "host2", "host1"):
             lab.exec(host, [sys.executable, "-c", UDP_ASK, lab.addr("srv1"), "15390"], timeout=20)
         count = int(natd.natctl("-C").stdout)
