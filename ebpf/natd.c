@@ -14,6 +14,7 @@
 #include "maps.h"
 #include "stats.h"
 #include "parsing.h"
+#include "frame.h"
 #include "csum.h"
 #include "fib.h"
 #include "conntrack.h"
@@ -35,19 +36,14 @@ int xdp_inside(struct xdp_md *ctx)
 	struct ct_key key = {};
 	__be32 frag_addr;
 	int first_frag;
-	struct ethhdr *eth;
-	struct iphdr *ip;
+	struct ethhdr *eth = NULL;
+	struct iphdr *ip = NULL;
 	__u32 reason = 0;
-	int fib_rc, l4, outbound;
+	int act, fib_rc, l4, outbound;
 
-	eth = parse_ethhdr(&c);
-	if (!eth)
-		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return verdict(ctx, XDP_PASS, STAT_PASS_NOT_IPV4);
-	ip = parse_iphdr(&c);
-	if (!ip)
-		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
+	act = parse_frame(ctx, &c, &eth, &ip);
+	if (act != FRAME_IPV4)
+		return act;
 	/* TTL expiring here: the kernel answers with Time Exceeded to the inside host (traceroute). */
 	if (ip->ttl <= 1)
 		return verdict(ctx, XDP_PASS, STAT_PASS_TTL);
@@ -130,21 +126,16 @@ int xdp_outside(struct xdp_md *ctx)
 	struct frag_key fk = {};
 	struct ct_key rk = {};
 	struct ct_entry *e = NULL;
-	struct ethhdr *eth;
-	struct iphdr *ip;
+	struct ethhdr *eth = NULL;
+	struct iphdr *ip = NULL;
 	__u32 reason = 0;
 	__be32 frag_addr;
 	__u16 port;
-	int fib_rc, l4, rc, first_frag;
+	int act, fib_rc, l4, rc, first_frag;
 
-	eth = parse_ethhdr(&c);
-	if (!eth)
-		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return verdict(ctx, XDP_PASS, STAT_PASS_NOT_IPV4);
-	ip = parse_iphdr(&c);
-	if (!ip)
-		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
+	act = parse_frame(ctx, &c, &eth, &ip);
+	if (act != FRAME_IPV4)
+		return act;
 
 	ext = ext_addrs.lookup(&ip->daddr);
 	if (!ext) {
