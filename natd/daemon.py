@@ -93,6 +93,7 @@ class Daemon:
         self._rules_lock = threading.Lock()  # reloads (main thread) and link events (watcher thread)
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._wake = threading.Event()  # set by either: the main loop acts at once, not at its next tick
 
     # -- start-up -------------------------------------------------------------------------------
     def ruleset(self, config: Config, links: Interfaces) -> RuleSet:
@@ -262,15 +263,20 @@ class Daemon:
     # -- run / stop -----------------------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
         self._stop.set()
+        self._wake.set()
 
     def request_reload(self, *_: object) -> None:
         self._reload.set()
+        self._wake.set()
 
     def serve(self) -> None:
         interval = self.notifier.watchdog_interval()
         tick = min(interval, 1.0) if interval else 1.0
         while not self._stop.is_set():
-            self._stop.wait(tick)
+            self._wake.wait(tick)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
