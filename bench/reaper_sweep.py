@@ -35,6 +35,7 @@ import datetime
 import os
 import platform
 import secrets
+import shutil
 import statistics
 import sys
 import threading
@@ -142,12 +143,7 @@ def pinned_maps(pin_root: str, ct_max: int, datapath: bool) -> Iterator[str]:
         if loaded is not None:
             with contextlib.suppress(Exception):
                 loaded.bpf.cleanup()
-        for top, dirs, files in os.walk(pin_root, topdown=False):
-            for name in files:
-                os.unlink(os.path.join(top, name))
-            for name in dirs:
-                os.rmdir(os.path.join(top, name))
-        os.rmdir(pin_root)
+        shutil.rmtree(pin_root)  # unlinking a pin unpins the map
 
 
 def make_flows(n: int, expired_fraction: float, now_ns: int,

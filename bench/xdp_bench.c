@@ -179,23 +179,16 @@ int livegen(struct xdp_md *ctx)
  * goes (BPF_PROG_TEST_RUN on the inside frame, ingress gw:in0, in gw's namespace; each returns XDP_PASS
  * when the operation did what natd's would: FIB success, map hit).
  */
+#include "abi.h"
+
 struct probe_lpm_key {
 	__u32 prefixlen;
 	__be32 addr;
 };
 
-struct probe_ct_key {  /* natd's struct ct_key layout */
-	__be32 saddr;
-	__be32 daddr;
-	__be16 sport;
-	__be16 dport;
-	__u8 proto;
-	__u8 pad[3];
-};
-
-struct probe_ct_val {  /* the size of natd's struct ct_entry is what matters for the lookup */
-	__u64 w[8];
-};
+/* natd's own key and value (ebpf/lib/abi.h): the lookups cost what natd's cost */
+#define probe_ct_key ct_key
+#define probe_ct_val ct_entry
 
 BPF_LPM_TRIE(probe_lpm, struct probe_lpm_key, __u32, 16);
 BPF_HASH(probe_ct, struct probe_ct_key, struct probe_ct_val, 262144);
@@ -278,11 +271,11 @@ int probe_ct_update(struct xdp_md *ctx)
 	v = probe_ct.lookup(&k);
 	if (!v)
 		return XDP_DROP;
-	v->w[0] = bpf_ktime_get_ns();
-	__sync_fetch_and_add(&v->w[1], 1);
-	__sync_fetch_and_add(&v->w[2], 60);
-	if (!(v->w[3] & 1))
-		v->w[3] |= 1;
+	v->last_seen_ns = bpf_ktime_get_ns();
+	__sync_fetch_and_add(&v->packets_orig, 1);
+	__sync_fetch_and_add(&v->bytes_orig, 60);
+	if (!(v->flags & CT_F_REPLIED))
+		v->flags |= CT_F_REPLIED;
 	return XDP_PASS;
 }
 
@@ -325,6 +318,6 @@ int probe_ct_insert(struct xdp_md *ctx)
 	k.sport = *f.sport;
 	k.dport = *f.dport;
 	k.proto = ip->protocol;
-	v.w[0] = 1;
+	v.created_ns = 1;
 	return probe_ins.insert(&k, &v) == 0 ? XDP_PASS : XDP_DROP;
 }

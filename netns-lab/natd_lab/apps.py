@@ -59,6 +59,20 @@ else:
 """
 
 
+# Connects to argv[1]:argv[2], reads until the server closes, prints the byte count.
+TCP_RECEIVER = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+got = 0
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    got += len(b)
+print(got)
+"""
+
+
 def start_peer_echo(lab: Lab, node: str, tcp_port: int, udp_port: int | None = None,
                     addr: str | None = None) -> subprocess.Popen[Any]:
     """Start PEER_ECHO on node (its first address unless addr), wait until it listens; lab.down() ends it."""

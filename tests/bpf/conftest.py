@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import os
 import secrets
+import shutil
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -51,12 +52,7 @@ def _neighbours(lab: Any) -> dict[str, str]:
 
 def _remove_pin_root(pin_root: str) -> None:
     """Unpin every map under pin_root (<pin_root>/<instance>/v<layout>/<map>) and remove the directories."""
-    for top, dirs, files in os.walk(pin_root, topdown=False):
-        for name in files:
-            os.unlink(os.path.join(top, name))
-        for name in dirs:
-            os.rmdir(os.path.join(top, name))
-    os.rmdir(pin_root)
+    shutil.rmtree(pin_root)  # unlinking a pin unpins the map
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from natd_lab.apps import TCP_RECEIVER
 from natd_lab.natd import NatdError
 
 pytestmark = pytest.mark.lab
@@ -78,17 +79,6 @@ c.shutdown(socket.SHUT_WR)
 print(sent, flush=True)
 """
 
-RECEIVER = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], 18090), timeout=30)
-got = 0
-while True:
-    b = s.recv(65536)
-    if not b:
-        break
-    got += len(b)
-print(got)
-"""
 
 
 @pytest.mark.parametrize("how", ["kill-9", "sigterm"])
@@ -97,7 +87,8 @@ def test_tcp_transfer_survives_a_restart(lab: Any, natd_factory: Any, how: str) 
     sender = lab.popen("srv1", [sys.executable, "-c", SLOW_SENDER, lab.addr("srv1"), "6"],
                        stdout=-1, text=True)
     assert sender.stdout is not None and sender.stdout.readline().strip() == "ready"
-    receiver = lab.popen("host1", [sys.executable, "-c", RECEIVER, lab.addr("srv1")], stdout=-1, text=True)
+    receiver = lab.popen("host1", [sys.executable, "-c", TCP_RECEIVER, lab.addr("srv1"), "18090"],
+                         stdout=-1, text=True)
     time.sleep(1.5)
     before = natd.natctl("-L", "-p", "tcp", "--dport", "18090").stdout
     if how == "kill-9":
@@ -156,7 +147,8 @@ def test_full_table_drops_new_flows_never_established_ones(lab: Any, natd_factor
     sender = lab.popen("srv1", [sys.executable, "-c", SLOW_SENDER, lab.addr("srv1"), "6"],
                        stdout=-1, text=True)
     assert sender.stdout is not None and sender.stdout.readline().strip() == "ready"
-    receiver = lab.popen("host2", [sys.executable, "-c", RECEIVER, lab.addr("srv1")], stdout=-1, text=True)
+    receiver = lab.popen("host2", [sys.executable, "-c", TCP_RECEIVER, lab.addr("srv1"), "18090"],
+                         stdout=-1, text=True)
     time.sleep(1.0)
     lab.exec("host1", [sys.executable, "-c", FLOOD, lab.addr("srv2"), "3000"], timeout=30)
     full = natd.metric("natd_packets_dropped_total", reason="table_full") or 0

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from natd_lab.apps import TCP_RECEIVER
 
 pytestmark = pytest.mark.lab
 
@@ -103,17 +104,6 @@ c.shutdown(socket.SHUT_WR)
 print(sent, flush=True)
 """
 
-RECEIVER = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-got = 0
-while True:
-    b = s.recv(65536)
-    if not b:
-        break
-    got += len(b)
-print(got)
-"""
 
 # A TCP connection that carries a line every 100 ms until a line on stdin (or argv[3] s).
 TICK_SERVER = r"""
@@ -437,7 +427,7 @@ def test_full_port_scan_reaches_no_private_host(sec: Any, tmp_path: Path) -> Non
     ready(streamer)
     caps = {h: Capture(lab, h, "eth0", f"src host {srv1} or src host {srv2}", tmp_path / f"{h}.pcap")
             for h in ("host1", "host2")}
-    receiver = run_py(lab, "host2", RECEIVER, srv2, 18100)
+    receiver = run_py(lab, "host2", TCP_RECEIVER, srv2, 18100)
     pingpong = run_py(lab, "host1", PINGPONG, srv2, 18101, 0.05, 170, stdin=True)
     ready(pingpong, "peer")
     drops_before = metric(natd, "natd_packets_dropped_total", reason="no_mapping")
@@ -819,7 +809,7 @@ def test_sighup_storm_then_a_broken_file(lab: Any, natd_factory: Any) -> None:
     ready(echo)
     streamer = run_py(lab, "srv1", STREAM_SERVER, srv1, 18600, 170, stdin=True)
     ready(streamer)
-    receiver = run_py(lab, "host1", RECEIVER, srv1, 18600)
+    receiver = run_py(lab, "host1", TCP_RECEIVER, srv1, 18600)
     time.sleep(0.5)
     [before] = flows(natd, "-p", "tcp", "--dport", "18600")
     t0 = time.monotonic()
