@@ -11,7 +11,7 @@
 
 #include <linux/types.h>
 
-#define NATD_LAYOUT_VERSION 5
+#define NATD_LAYOUT_VERSION 6
 
 #define NATD_MAX_POOL 256      /* external addresses over all rules */
 #define NATD_MAX_RULES 1024    /* snat rules (LPM entries) */
@@ -203,6 +203,12 @@ enum natd_stat {
 	STAT_FRAG_TRANSLATED,     /* a non-first fragment translated like its datagram's first fragment */
 	STAT_DROP_FRAG_UNKNOWN,   /* a non-first fragment from inside whose first fragment natd never saw */
 	STAT_PASS_FRAG_UNKNOWN,   /* the same from the internet: the kernel's (untranslated, it is local) */
+	STAT_PASS_FRAGMENT_OUT,   /* translated, too big for the next link and DF=0: the kernel fragments it */
+	STAT_DROP_HOST_PORT_LIMIT, /* the inside host holds its rule's max_ports_per_host (RFC 6888 REQ-4) */
+	STAT_ICMP_UNREACH_SENT,   /* Destination Unreachable code 13 sent to an inside host (RFC 5508 REQ-8) */
+	STAT_ICMP_UNREACH_RATE_LIMITED, /* the same, not sent: over the rate limit */
+	STAT_EIM_PORT_SHARED,     /* a new mapping shares its port with another endpoint's (RFC 7857 §3) */
+	STAT_EIM_COLLISION,       /* a mapping's port was taken towards this remote: the flow got another */
 	STAT_MAX,
 };
 
