@@ -392,6 +392,15 @@ def _choice(what: str, allowed: tuple[str, ...]) -> Callable[[Any], str]:
     return check
 
 
+def _ports_per_host(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        _fail(f"{_show(value)} is not a number of ports; expected an integer 1-65535 (external ports one "
+              "inside address may hold at once), or leave max_ports_per_host out for no limit")
+    return value
+
+
 class SnatRule(_Section):
     """Translate sources in ``from`` to the addresses ``to`` (empty: the outside interface's address)."""
 
@@ -411,6 +420,10 @@ class SnatRule(_Section):
                        BeforeValidator(_choice("mapping", MAPPINGS))] = "endpoint-independent"
     filtering: Annotated[Literal["address-and-port-dependent", "endpoint-independent"],
                          BeforeValidator(_choice("filtering", FILTERINGS))] = "address-and-port-dependent"
+    # RFC 6888 REQ-4: how many external ports (mappings) one inside address may hold at once; None: no cap.
+    # Over it, new mappings are dropped and the host gets ICMP Destination Unreachable code 13 (RFC 5508
+    # REQ-8).
+    max_ports_per_host: Annotated[int | None, BeforeValidator(_ports_per_host)] = None
 
 
 def _proto(value: Any) -> str:

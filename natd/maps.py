@@ -21,6 +21,9 @@ MAX_IFACES = 64
 MAX_FORWARDS = 4096
 MAX_STATIC = 1024
 MAX_FRAGS = 8192
+MAX_HOSTS = 65536
+ICMP_BURST = 100
+ICMP_WINDOW_NS = 100_000_000
 EVENTS_RING_BYTES = 1 << 20  # the nat_events ring buffer (ebpf/lib/maps.h)
 RULE_STATIC = 0xFFFFFFFE  # rule_id of flows made by a static 1:1 mapping
 RULE_FORWARD = 0xFFFFFFFF  # rule_id of flows opened through a port forward
@@ -224,6 +227,18 @@ CT_ENTRY_DTYPE = np.dtype({
     "offsets": [0, 8, 16, 24, 32, 40, 48, 52, 54, 55, 56, 60],
     "itemsize": 64,
 })
+NAT_MAPPING_DTYPE = np.dtype({
+    "names": ["last_used_ns", "ext_addr", "ext_port", "flags", "pad", "rule_id", "pad2"],
+    "formats": [np.uint64, np.uint32, np.uint16, np.uint8, np.uint8, np.uint32, np.uint32],
+    "offsets": [0, 8, 12, 14, 15, 16, 20],
+    "itemsize": 24,
+})
+EXT_ENDPOINT_DTYPE = np.dtype({
+    "names": ["addr", "port", "proto", "pad"],
+    "formats": [np.uint32, np.uint16, np.uint8, np.uint8],
+    "offsets": [0, 4, 6, 7],
+    "itemsize": 8,
+})
 CT_REPLY_VALUE_DTYPE = np.dtype({"names": ["orig"], "formats": [CT_KEY_DTYPE], "offsets": [0],
                                  "itemsize": 16})
 
@@ -245,8 +260,31 @@ class SnatRuleValue(_Struct):
         ("port_min", ctypes.c_uint16),
         ("port_max", ctypes.c_uint16),
         ("flags", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("host_port_limit", ctypes.c_uint32),
     ]
+
+
+class NatMappingFlags(enum.IntFlag):
+    OWNS_PORT = 1 << 0  # its port is claimed in port_owners
+    EIF = 1 << 1  # created under endpoint-independent filtering
+
+
+class NatMapping(_Struct):
+    """Value of nat_mappings; the key is a CtKey (see :func:`mapping_key_for`)."""
+
+    _fields_ = [
+        ("last_used_ns", ctypes.c_uint64),
+        ("ext_addr", ctypes.c_uint32),
+        ("ext_port", ctypes.c_uint16),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("rule_id", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
+    ]
+
+
+class IcmpRate(_Struct):
+    _fields_ = [("window_start_ns", ctypes.c_uint64), ("sent", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class FragKey(_Struct):
@@ -299,6 +337,16 @@ class NatEvent(_Struct):
     ]
 
 
+def mapping_key_for(orig: CtKey, endpoint_independent: bool = True) -> CtKey:
+    """The nat_mappings key of a flow's original key: its inside endpoint (daddr and dport zero) under
+    endpoint-independent mapping, the whole tuple under address-and-port-dependent mapping."""
+    key = CtKey.from_buffer_copy(orig.to_bytes())
+    if endpoint_independent:
+        key.daddr = 0
+        key.dport = 0
+    return key
+
+
 def reply_key_for(orig: CtKey, entry: CtEntry) -> CtKey:
     """The ct_reply key of a flow: the internet's view (remote -> external address/port)."""
     key = CtKey()
@@ -328,4 +376,8 @@ MAP_TYPES: dict[str, tuple[type[_Struct] | None, type[_Struct] | None]] = {
     "stats": (None, StatCounter),     # per-CPU, u32 index -> counter
     "nat_events": (None, NatEvent),   # ring buffer of NatEvent records (no keys)
     "event_ctl": (None, None),        # array[1]: u32 mask of 1 << NatEventType the datapath emits
+    "nat_mappings": (CtKey, NatMapping),
+    "port_owners": (ExtEndpoint, CtKey),
+    "host_ports": (None, None),       # be32 inside address -> u32 external ports held
+    "icmp_rate": (None, IcmpRate),    # per-CPU array[1]
 }

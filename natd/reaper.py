@@ -29,6 +29,14 @@ One sweep (:meth:`Reaper.sweep`):
    consecutive sweeps (and, when the table supports it, its original is looked up once more right
    before): a real orphan cannot be re-claimed, because its key is taken.
 
+5. release NAT mappings (nat_mappings, see ebpf/lib/abi.h) that no flow left after this sweep uses: an
+   endpoint-independent mapping lives exactly as long as the inside endpoint has a flow (RFC 4787 REQ-1:
+   the same external port towards every remote meanwhile), then its port claim and its count towards
+   the host's max_ports_per_host go with it. nat_mappings is read before ct_orig, and the datapath adds a
+   mapping only after its first flow, so a mapping in the read without a flow in the later read has
+   really lost its flows; one a new flow took since is recognised by its ``last_used_ns``, looked up
+   again right before the delete.
+
 Re-check cost (step 3), the trade-off
 -------------------------------------
 Re-checking key by key is exact up to a few milliseconds (a chunk of ``RECHECK_CHUNK`` = 1024 lookups is
@@ -90,7 +98,7 @@ from natd.maps import (
     CtState,
     be32_to_ip,
 )
-from natd.tables import Flow, FlowTable, ReplyTable, Tables, key_index
+from natd.tables import Flow, FlowTable, MappingTable, ReplyTable, Tables, flow_mapping_keys, key_index
 
 __all__ = [
     "DEFAULT_INTERVAL_S",
@@ -151,6 +159,8 @@ class SweepResult:
     orphans_pending: int = 0    # replies seen orphaned for the first time; deleted next sweep if still so
     replies_scanned: int = 0    # ct_reply entries read
     recheck: str = "none"       # how expired flows were re-checked: "lookup", "reread" or "none"
+    mappings: int = 0           # NAT mappings left after the sweep
+    mappings_released: int = 0  # mappings deleted because their last flow was gone
 
 
 def state_label(proto: int, state: int, flags: int) -> tuple[str, str]:
@@ -373,6 +383,7 @@ class Reaper:
         started = time.monotonic()
         deadlines = _Deadlines(self._timeouts, self._log, self._warned)
         replies = self._tables.reply_table()  # first: see "orphans" in the module docstring
+        mappings = self._tables.mapping_table()  # before the flows: see "mappings" in the module docstring
         now = self._clock()  # before the read: an entry stamped during it is never older than it looks
         read_started = time.monotonic()
         table = self._tables.flow_table()
@@ -389,6 +400,7 @@ class Reaper:
         gone = deleted.rows()
         live = np.ones(len(table), dtype=np.bool_)
         live[gone] = False
+        released = self._release_mappings(mappings, table.take(live))
         entries_by_state = _label_counts(labels[live])
         addrs, counts = np.unique(table.entries["nat_addr"][live], return_counts=True)
         ports_in_use = {str(be32_to_ip(int(a))): int(n) for a, n in zip(addrs, counts, strict=True)}
@@ -398,7 +410,7 @@ class Reaper:
                            duration_s=time.monotonic() - started, by_state=by_state,
                            entries_by_state=entries_by_state, ports_in_use=ports_in_use,
                            refreshed=refreshed, orphans_pending=pending, replies_scanned=len(replies),
-                           recheck=recheck)
+                           recheck=recheck, mappings=len(mappings) - released, mappings_released=released)
 
     def _delete_expired(self, table: FlowTable, candidates: _IntArray, read_s: float,
                         deadlines: _Deadlines, deleted: _Deleted) -> tuple[str, int, int]:
@@ -453,6 +465,22 @@ class Reaper:
             reaped += int(np.count_nonzero(done))
             deleted.add(part.take(done), old_rows[start:start + DELETE_CHUNK][done])
         return reaped, refreshed
+
+    def _release_mappings(self, mappings: MappingTable, live: FlowTable) -> int:
+        """Delete the mappings no live flow uses any more (with their port claims and host counts)."""
+        if not len(mappings):
+            return 0
+        idle = np.flatnonzero(key_index(flow_mapping_keys(live), mappings.keys) < 0)
+        if not len(idle):
+            return 0
+        candidates = mappings.take(idle)
+        # a flow that took the mapping after the flow read stamped last_used_ns: keep that one
+        found, current = self._tables.lookup_mappings(candidates.keys)
+        still = found & (current["last_used_ns"] == candidates.values["last_used_ns"])
+        released = self._tables.delete_mappings(MappingTable(candidates.keys[still], current[still]))
+        if released:
+            self._log.debug("released %d NAT mappings (their last flow was gone)", released)
+        return released
 
     def _delete_orphans(self, replies: ReplyTable, table: FlowTable) -> tuple[int, int]:
         """Delete replies orphaned in this sweep and the previous one; returns (deleted, newly pending)."""

@@ -25,6 +25,7 @@ class SnatEntry:
     port_min: int
     port_max: int
     flags: int = 0  # natd.maps.SnatRuleFlags
+    host_port_limit: int = 0  # max_ports_per_host; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def build_ruleset(config: Config, outside_addr: ipaddress.IPv4Address | None,
         if rule.filtering == "endpoint-independent":
             flags |= SnatRuleFlags.EIF
         snat.append(SnatEntry(rule.from_, rule_id, len(pool), len(addrs), rule.ports.lo, rule.ports.hi,
-                              int(flags)))
+                              int(flags), rule.max_ports_per_host or 0))
         pool.extend(addrs)
         for addr in addrs:
             prev = ext.get(addr)

@@ -20,18 +20,24 @@ import numpy.typing as npt
 
 from natd import bpfsys
 from natd.maps import (
+    BE32,
     CT_ENTRY_DTYPE,
     CT_KEY_DTYPE,
     CT_REPLY_VALUE_DTYPE,
+    EXT_ENDPOINT_DTYPE,
     MAX_POOL,
+    NAT_MAPPING_DTYPE,
     PROTO_ICMP,
     STAT_MAX,
+    U32,
     CtEntry,
     CtKey,
     DnatKey,
     DnatTarget,
     ExtAddrInfo,
     LpmV4Key,
+    NatMapping,
+    NatMappingFlags,
     SnatRuleValue,
     Stat,
     StatCounter,
@@ -45,11 +51,11 @@ Flow = tuple[CtKey, CtEntry]
 StatTotals = dict[Stat, tuple[int, int]]  # (packets, bytes)
 
 MAP_NAMES = ("ct_orig", "ct_reply", "snat_rules", "snat_pool", "ext_addrs", "outside_ifaces", "dnat_rules",
-             "static_out", "static_in", "stats")
+             "static_out", "static_in", "stats", "nat_mappings", "port_owners", "host_ports")
 
 Rows = npt.NDArray[np.intp] | npt.NDArray[np.bool_] | slice  # what FlowTable.take() selects with
 Blob = bytes | memoryview  # packed keys or values, as BpfMap.lookup_batch_raw returns them
-Lookups = tuple[npt.NDArray[np.bool_], npt.NDArray[np.void]]   # (found, CT_ENTRY_DTYPE entries) per key
+Lookups = tuple[npt.NDArray[np.bool_], npt.NDArray[np.void]]   # (found, values) per key; zero if not found
 
 _KEY_SIZE = CT_KEY_DTYPE.itemsize
 _ENTRY_SIZE = CT_ENTRY_DTYPE.itemsize
@@ -253,6 +259,65 @@ class ReplyTable:
                         (CtKey * n).from_buffer_copy(self.origs.data), strict=True))
 
 
+class MappingTable:
+    """A whole-table read of nat_mappings, columnar: ``keys`` (``CT_KEY_DTYPE``: the inside endpoint, see
+    natd.maps.mapping_key_for) and ``values`` (``NAT_MAPPING_DTYPE``)."""
+
+    __slots__ = ("keys", "values")
+
+    def __init__(self, keys: npt.NDArray[np.void], values: npt.NDArray[np.void]) -> None:
+        keys = _structured(keys, CT_KEY_DTYPE, "keys")
+        values = _structured(values, NAT_MAPPING_DTYPE, "values")
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} mapping keys but {len(values)} values")
+        self.keys: npt.NDArray[np.void] = keys
+        self.values: npt.NDArray[np.void] = values
+
+    @classmethod
+    def from_blobs(cls, keys: Blob, values: Blob, count: int) -> MappingTable:
+        return cls(np.frombuffer(keys, CT_KEY_DTYPE, count), np.frombuffer(values, NAT_MAPPING_DTYPE, count))
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[CtKey, NatMapping]]) -> MappingTable:
+        items = list(pairs)
+        return cls(np.frombuffer(b"".join(bytes(k) for k, _ in items), CT_KEY_DTYPE),
+                   np.frombuffer(b"".join(bytes(v) for _, v in items), NAT_MAPPING_DTYPE))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def take(self, rows: Rows) -> MappingTable:
+        return MappingTable(self.keys[rows], self.values[rows])
+
+    def pairs(self) -> list[tuple[CtKey, NatMapping]]:
+        n = len(self.keys)
+        return list(zip((CtKey * n).from_buffer_copy(self.keys.data),
+                        (NatMapping * n).from_buffer_copy(self.values.data), strict=True))
+
+    def owner_keys(self) -> npt.NDArray[np.void]:
+        """The port_owners key (struct ext_endpoint, 8 bytes) of every row, as raw bytes rows."""
+        out = np.zeros(len(self), EXT_ENDPOINT_DTYPE)
+        out["addr"] = self.values["ext_addr"]
+        out["port"] = self.values["ext_port"]
+        out["proto"] = self.keys["proto"]
+        return out
+
+
+def flow_mapping_keys(flows: FlowTable) -> npt.NDArray[np.void]:
+    """Every nat_mappings key the flows can be using: each flow's inside endpoint (endpoint-independent
+    mapping) and its whole tuple (address-and-port-dependent), as natd.maps.mapping_key_for makes them."""
+    eim = flows.keys.copy()
+    eim["daddr"] = 0
+    eim["dport"] = 0
+    return np.concatenate([eim, flows.keys])
+
+
+def hosts_of(mappings: MappingTable) -> dict[int, int]:
+    """be32 inside address -> how many of ``mappings`` it holds."""
+    addrs, counts = np.unique(mappings.keys["saddr"], return_counts=True)
+    return {int(a): int(n) for a, n in zip(addrs, counts, strict=True)}
+
+
 class Tables(Protocol):
     def flows(self) -> list[Flow]: ...
     def flow_table(self) -> FlowTable: ...
@@ -266,6 +331,11 @@ class Tables(Protocol):
     def stats_per_cpu(self) -> list[StatTotals]: ...
     def apply_rules(self, rules: RuleSet) -> None: ...
     def ct_max(self) -> int: ...
+    # NAT mappings (struct nat_mapping): the reaper deletes those whose last flow is gone
+    def mapping_table(self) -> MappingTable: ...
+    def lookup_mappings(self, keys: npt.NDArray[np.void]) -> Lookups: ...
+    def delete_mappings(self, mappings: MappingTable) -> int: ...
+    def host_ports(self) -> dict[int, int]: ...
 
 
 def sum_stats(per_cpu: Sequence[StatTotals]) -> StatTotals:
@@ -374,7 +444,8 @@ class PinnedTables:
         snat = self.map("snat_rules")
         wanted_snat = {
             LpmV4Key(e.network.prefixlen, ip_to_be32(e.network.network_address)).to_bytes():
-            SnatRuleValue(e.rule_id, e.pool_index, e.pool_size, e.port_min, e.port_max, e.flags, 0).to_bytes()
+            SnatRuleValue(e.rule_id, e.pool_index, e.pool_size, e.port_min, e.port_max, e.flags,
+                          e.host_port_limit).to_bytes()
             for e in rules.snat
         }
         for k, v in wanted_snat.items():
@@ -404,6 +475,53 @@ class PinnedTables:
                 if k not in wanted:
                     m.delete(k)
 
+    def mapping_table(self) -> MappingTable:
+        """nat_mappings in one batch read."""
+        return MappingTable.from_blobs(*self.map("nat_mappings").lookup_batch_raw())
+
+    def lookup_mappings(self, keys: npt.NDArray[np.void]) -> Lookups:
+        blob = np.ascontiguousarray(keys).tobytes()
+        values, found = self.map("nat_mappings").lookup_many_raw(blob, len(keys))
+        return (np.frombuffer(found, dtype=np.uint8).astype(np.bool_),
+                np.frombuffer(values, dtype=NAT_MAPPING_DTYPE, count=len(keys)))
+
+    def delete_mappings(self, mappings: MappingTable) -> int:
+        """Each mapping, its port claim (when the claim still names it) and its count in host_ports.
+        Returns how many mappings this call deleted."""
+        if not len(mappings):
+            return 0
+        owners = self.map("port_owners")
+        owns = (mappings.values["flags"] & NatMappingFlags.OWNS_PORT) != 0
+        for ok, mk in zip(mappings.owner_keys()[owns], mappings.keys[owns], strict=True):
+            claim = ok.tobytes()
+            if owners.lookup(claim) == mk.tobytes():
+                owners.delete(claim)
+        missing = self.map("nat_mappings").delete_batch_raw(mappings.keys.tobytes(), len(mappings))
+        done = np.ones(len(mappings), dtype=np.bool_)
+        done[missing] = False
+        self._subtract_host_ports(hosts_of(mappings.take(done)))
+        return int(np.count_nonzero(done))
+
+    def _subtract_host_ports(self, counts: dict[int, int]) -> None:
+        """host_ports -= counts. Not atomic against the datapath's adds: one that lands between this
+        lookup and update is lost (the host may then hold one port over its limit until it lets go)."""
+        hp = self.map("host_ports")
+        for addr, n in counts.items():
+            key = BE32.pack(addr)
+            raw = hp.lookup(key)
+            if raw is None:
+                continue
+            hp.update(key, U32.pack(max(0, U32.unpack(raw)[0] - n)))
+
+    def host_ports(self) -> dict[int, int]:
+        """be32 inside address -> external ports it holds (hosts holding none are left out)."""
+        out = {}
+        for k, v in self.map("host_ports").items_batch():
+            n = U32.unpack(v)[0]
+            if n:
+                out[BE32.unpack(k)[0]] = n
+        return out
+
     def read_rules(self) -> dict[str, object]:
         """The rule maps as plain data, for `natctl status`."""
         snat = []
@@ -425,6 +543,8 @@ class FakeTables:
         self.replies: dict[CtKey, CtKey] = {}
         self.counters: list[StatTotals] = [{s: (0, 0) for s in Stat} for _ in range(ncpu)]
         self.rules: RuleSet | None = None
+        self.mappings: dict[CtKey, NatMapping] = {}
+        self.hosts: dict[int, int] = {}  # be32 inside address -> ports held (host_ports)
         assert len(Stat) == STAT_MAX
 
     def add_flow(self, key: CtKey, entry: CtEntry) -> None:
@@ -489,3 +609,32 @@ class FakeTables:
 
     def apply_rules(self, rules: RuleSet) -> None:
         self.rules = rules
+
+    def add_mapping(self, key: CtKey, mapping: NatMapping) -> None:
+        """What the datapath does for a new mapping."""
+        self.mappings[key] = mapping
+        self.hosts[key.saddr] = self.hosts.get(key.saddr, 0) + 1
+
+    def mapping_table(self) -> MappingTable:
+        return MappingTable.from_pairs(self.mappings.items())
+
+    def lookup_mappings(self, keys: npt.NDArray[np.void]) -> Lookups:
+        found = np.zeros(len(keys), dtype=np.bool_)
+        values = np.zeros(len(keys), dtype=NAT_MAPPING_DTYPE)
+        for i, key in enumerate((CtKey * len(keys)).from_buffer_copy(np.ascontiguousarray(keys).data)):
+            m = self.mappings.get(key)
+            if m is not None:
+                found[i] = True
+                values[i] = np.frombuffer(bytes(m), dtype=NAT_MAPPING_DTYPE)[0]
+        return found, values
+
+    def delete_mappings(self, mappings: MappingTable) -> int:
+        deleted = 0
+        for key, _ in mappings.pairs():
+            if self.mappings.pop(key, None) is not None:
+                deleted += 1
+                self.hosts[key.saddr] = max(0, self.hosts.get(key.saddr, 0) - 1)
+        return deleted
+
+    def host_ports(self) -> dict[int, int]:
+        return {a: n for a, n in self.hosts.items() if n}

@@ -19,6 +19,7 @@
 #define NATD_MAX_FORWARDS 4096 /* port forwards */
 #define NATD_MAX_STATIC 1024   /* static 1:1 mappings */
 #define NATD_EVENTS_RING_BYTES (1 << 20) /* nat_events ring buffer: ~26000 events of 40 bytes */
+#define NATD_MAX_HOSTS 65536   /* inside addresses whose external ports are counted (host_ports) */
 
 /* rule_id of flows not created by an snat rule */
 #define NATD_RULE_STATIC 0xfffffffeu
@@ -104,6 +105,37 @@ struct snat_rule {
 	__u16 port_min;           /* host byte order */
 	__u16 port_max;
 	__u32 flags;              /* enum snat_rule_flags */
+	__u32 host_port_limit;    /* external ports (mappings) one inside address may hold; 0: no limit */
+};
+
+/* A NAT mapping (RFC 4787 §4.1): what an inside endpoint is translated to, whatever the remote.
+ * Key: a struct ct_key with the inside endpoint (saddr, sport, proto) and, under endpoint-independent
+ * mapping, daddr = dport = 0; under address-and-port-dependent mapping the whole original tuple (every
+ * flow is its own mapping). The datapath creates a mapping with the first flow that needs it (after that
+ * flow's two halves) and reuses it for every later flow of the endpoint; natd deletes it once the
+ * endpoint has no flow left (natd/reaper.py), so a mapping lives exactly as long as its flows. */
+enum nat_mapping_flags {
+	NAT_MAP_F_OWNS_PORT = 1 << 0, /* its port is claimed in port_owners: no other endpoint shares it */
+	NAT_MAP_F_EIF = 1 << 1,       /* created under endpoint-independent filtering */
+};
+
+struct nat_mapping {
+	__u64 last_used_ns;       /* bpf_ktime_get_coarse_ns() when a flow last took it (created or reused) */
+	__be32 ext_addr;
+	__be16 ext_port;          /* ICMP: the external identifier */
+	__u8 flags;               /* enum nat_mapping_flags */
+	__u8 pad;
+	__u32 rule_id;            /* snat rule that created it */
+	__u32 pad2;
+};
+
+/* Rate limit of the ICMP errors natd sends itself (RFC 1812 §4.3.2.8), per CPU: at most
+ * NATD_ICMP_BURST in each NATD_ICMP_WINDOW_NS window. */
+#define NATD_ICMP_BURST 100
+#define NATD_ICMP_WINDOW_NS 100000000ULL
+struct icmp_rate {
+	__u64 window_start_ns;
+	__u32 sent;
 	__u32 pad;
 };
 
@@ -125,7 +157,7 @@ struct frag_value {
 	__u32 pad;
 };
 
-/* An external endpoint (key of eif_owners). */
+/* An external endpoint (key of port_owners). */
 struct ext_endpoint {
 	__be32 addr;
 	__be16 port;

@@ -32,11 +32,26 @@ BPF_TABLE_PINNED("hash", struct dnat_key, struct dnat_target, dnat_rules, NATD_M
 		 NATD_PIN_DIR "/dnat_rules");
 BPF_TABLE_PINNED("hash", __be32, __be32, static_out, NATD_MAX_STATIC, NATD_PIN_DIR "/static_out");
 BPF_TABLE_PINNED("hash", __be32, __be32, static_in, NATD_MAX_STATIC, NATD_PIN_DIR "/static_in");
-/* Endpoint-independent filtering: external endpoint -> a live flow (its ct_orig key) of the one inside
- * endpoint that owns it. LRU: an owner whose flows are all gone is detected (the key no longer finds a
- * flow) and replaced, so the map needs no sweeping. */
-BPF_TABLE_PINNED("lru_hash", struct ext_endpoint, struct ct_key, eif_owners, NATD_CT_MAX,
-		 NATD_PIN_DIR "/eif_owners");
+/* NAT mappings (see struct nat_mapping), and which inside endpoint owns an external port: under
+ * endpoint-independent mapping a new mapping claims its port here with BPF_NOEXIST, so the port goes to
+ * one inside endpoint only (RFC 4787 REQ-1 cannot then be broken by another endpoint holding the same
+ * port towards the same remote) and, under endpoint-independent filtering, identifies it (RFC 4787 §5).
+ * Plain hashes: natd deletes a mapping and its port claim together when the mapping's last flow is gone. */
+BPF_TABLE_PINNED("hash", struct ct_key, struct nat_mapping, nat_mappings, NATD_CT_MAX,
+		 NATD_PIN_DIR "/nat_mappings");
+BPF_TABLE_PINNED("hash", struct ext_endpoint, struct ct_key, port_owners, NATD_CT_MAX,
+		 NATD_PIN_DIR "/port_owners");
+/* Inside address -> external ports (mappings) it holds, for max_ports_per_host (RFC 6888 REQ-4). The
+ * datapath adds, natd subtracts when it deletes mappings. */
+BPF_TABLE_PINNED("hash", __be32, __u32, host_ports, NATD_MAX_HOSTS, NATD_PIN_DIR "/host_ports");
+BPF_TABLE_PINNED("percpu_array", __u32, struct icmp_rate, icmp_rate, 1, NATD_PIN_DIR "/icmp_rate");
+/* Room to build an ICMP error in (ebpf/lib/icmp_send.h): XDP programs have 512 bytes of stack, and the
+ * inside entry point's inlined paths use most of them. Not pinned: nothing lives in it between packets. */
+struct icmp_scratch {
+	struct bpf_fib_lookup fib;
+	__u8 frame[56];           /* struct icmp_unreach_frame */
+};
+BPF_PERCPU_ARRAY(icmp_scratch, struct icmp_scratch, 1);
 /* First fragments' translations, for the fragments that follow (LRU: bounded, never swept). */
 BPF_TABLE_PINNED("lru_hash", struct frag_key, struct frag_value, frag_map, NATD_MAX_FRAGS,
 		 NATD_PIN_DIR "/frag_map");

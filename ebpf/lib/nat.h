@@ -64,28 +64,81 @@ static __always_inline __u32 eim_hash(const struct ct_key *orig)
 	return h ^ (h >> 15);
 }
 
-/* Under endpoint-independent filtering an external port identifies exactly one inside endpoint
- * (RFC 4787 §5): a port is taken when another endpoint owns it and still has a live flow. */
-static __always_inline int eif_port_taken(__be32 ext, __be16 port, const struct ct_key *orig)
+/* The nat_mappings key of a flow (struct nat_mapping; mirrors natd.maps.mapping_key_for). */
+static __always_inline void mapping_key_of(const struct ct_key *orig, int apdm, struct ct_key *mk)
 {
-	struct ext_endpoint ep = { .addr = ext, .port = port, .proto = orig->proto };
-	struct ct_key *anchor = eif_owners.lookup(&ep);
-
-	if (!anchor)
-		return 0;
-	if (anchor->saddr == orig->saddr && anchor->sport == orig->sport)
-		return 0;
-	return ct_orig.lookup(anchor) != NULL;
+	*mk = *orig;
+	if (!apdm) {
+		mk->daddr = 0;
+		mk->dport = 0;
+	}
 }
 
-/* The newest flow becomes the owner's anchor: the mapping stays open to new remotes while that flow
- * lives (an older, longer-lived flow of the same endpoint does not hold it open; the endpoint's next
- * new flow re-anchors it). */
-static __always_inline void eif_claim(__be32 ext, __be16 port, struct ct_key *orig)
+/* The inside endpoint that owns an external port, if its mapping still holds that port. */
+static __always_inline struct ct_key *port_owner_live(struct ext_endpoint *ep, struct nat_mapping **mp)
 {
-	struct ext_endpoint ep = { .addr = ext, .port = port, .proto = orig->proto };
+	struct ct_key *owner = port_owners.lookup(ep);
+	struct nat_mapping *m;
 
-	eif_owners.update(&ep, orig);
+	if (!owner)
+		return NULL;
+	m = nat_mappings.lookup(owner);
+	if (!m || m->ext_addr != ep->addr || m->ext_port != ep->port)
+		return NULL;
+	if (mp)
+		*mp = m;
+	return owner;
+}
+
+/* Claim an external port for mapping mk alone: BPF_NOEXIST makes two CPUs racing for one port agree.
+ * A claim whose mapping is gone (natd deletes the claim first, so only a failed create leaves one) is
+ * taken over. 0 when claimed. */
+static __always_inline int port_claim(__be32 ext, __be16 port, const struct ct_key *mk)
+{
+	struct ext_endpoint ep = { .addr = ext, .port = port, .proto = mk->proto };
+
+	if (!port_owners.insert(&ep, (struct ct_key *)mk))
+		return 0;
+	if (port_owner_live(&ep, NULL))
+		return -1;
+	return port_owners.update(&ep, (struct ct_key *)mk);
+}
+
+static __always_inline void port_release(__be32 ext, __be16 port, __u8 proto)
+{
+	struct ext_endpoint ep = { .addr = ext, .port = port, .proto = proto };
+
+	port_owners.delete(&ep);
+}
+
+/* RFC 6888 REQ-4: count one more external port for an inside address; -1 (nothing counted) when that
+ * would pass the rule's limit. The add is atomic; the check after it may refuse one port early when
+ * CPUs race at the limit, never let one through. */
+static __always_inline int host_port_take(__be32 host, __u32 limit)
+{
+	__u32 zero = 0, *n;
+
+	n = host_ports.lookup(&host);
+	if (!n) {
+		host_ports.insert(&host, &zero);
+		n = host_ports.lookup(&host);
+		if (!n)
+			return limit ? -1 : 0;  /* table of hosts full: only a capped rule must refuse */
+	}
+	__sync_fetch_and_add(n, 1);
+	if (limit && *n > limit) {
+		__sync_fetch_and_add(n, -1);
+		return -1;
+	}
+	return 0;
+}
+
+static __always_inline void host_port_give(__be32 host)
+{
+	__u32 *n = host_ports.lookup(&host);
+
+	if (n)
+		__sync_fetch_and_add(n, -1);
 }
 
 /* The ct_reply key of a flow (mirrors natd.maps.reply_key_for). */
@@ -119,7 +172,13 @@ static __always_inline int snat_pick_addr(const struct snat_rule *r, __be32 insi
  * or 1 when another CPU created the same flow first (look it up again), or -1 with *reason set.
  * The reply half goes in first: inserting it with BPF_NOEXIST is the atomic port claim, unique per
  * (external addr, proto, remote addr, remote port). No half survives alone: a failed second insert
- * removes the first. */
+ * removes the first.
+ *
+ * Mappings (RFC 4787 REQ-1, RFC 5382 REQ-1, RFC 5508 REQ-1a): an inside endpoint with a mapping gets its
+ * port towards every remote. A new mapping takes a port no other endpoint owns (port_owners), so that
+ * port can only be busy towards a remote if the endpoint itself holds it. Only when the tries run out
+ * of unowned ports does a new mapping share one, as RFC 7857 §3 lets a NAT reuse a port for different
+ * destinations, and never under endpoint-independent filtering, where the port must name one endpoint. */
 static __always_inline int snat_create(struct ct_key *orig, const struct snat_rule *r, __be32 ext,
 				       __u8 state, __u32 *reason)
 {
@@ -130,21 +189,58 @@ static __always_inline int snat_create(struct ct_key *orig, const struct snat_ru
 		.proto = orig->proto,
 	};
 	struct ct_reply_value rv = { .orig = *orig };
+	struct nat_mapping nm = {};
+	struct nat_mapping *m;
+	struct ct_key mk;
 	__u16 want = bpf_ntohs(orig->sport);
 	__u32 lo = r->port_min, hi = r->port_max;
 	__u32 start, i, range, port;
+	int apdm = r->flags & SNAT_F_APDM;
 	int eif = r->flags & SNAT_F_EIF;
-	int err;
+	int new_mapping = 0;  /* this flow makes its endpoint's mapping: counts for the host, claims a port */
+	int want_owner = 0;   /* ... and that port must be its own (EIM, or any mapping under EIF) */
+	int owned = 0, err, rc;
+
+	mapping_key_of(orig, apdm, &mk);
+	if (r->rule_id != NATD_RULE_STATIC) {
+		m = nat_mappings.lookup(&mk);
+		if (m && m->ext_addr == ext) {
+			rk.dport = m->ext_port;
+			err = ct_reply.insert(&rk, &rv);
+			if (!err) {
+				m->last_used_ns = bpf_ktime_get_coarse_ns();
+				return ct_commit(orig, &rk, ext, state, 0, r->rule_id, reason);
+			}
+			if (err != -EEXIST)
+				goto full;
+			/* The mapping's port is busy towards this remote, so it is a shared port (the endpoint's
+			 * own flow to that remote would have been found). This flow gets a port of its own and
+			 * the mapping stays: counted, it is where EIM gives way (RFC 7857 §3). */
+			stat_count(STAT_EIM_COLLISION, 0);
+		} else {
+			if (host_port_take(orig->saddr, r->host_port_limit) < 0) {
+				*reason = STAT_DROP_HOST_PORT_LIMIT;
+				return -1;
+			}
+			new_mapping = 1;
+			want_owner = !apdm || eif;
+		}
+	}
 
 	/* RFC 4787 REQ-3a / RFC 5382: keep the inside port when it is free. */
-	if (want >= r->port_min && want <= r->port_max && !port_forwarded(ext, orig->sport, orig->proto) &&
-	    !(eif && eif_port_taken(ext, orig->sport, orig))) {
+	if (want >= r->port_min && want <= r->port_max && !port_forwarded(ext, orig->sport, orig->proto)) {
 		rk.dport = orig->sport;
-		err = ct_reply.insert(&rk, &rv);
-		if (!err)
-			goto claimed;
-		if (err != -EEXIST)
-			goto full;
+		owned = want_owner && !port_claim(ext, rk.dport, &mk);
+		if (owned || !want_owner) {
+			err = ct_reply.insert(&rk, &rv);
+			if (!err)
+				goto claimed;
+			if (owned)
+				port_release(ext, rk.dport, orig->proto);
+			owned = 0;
+			if (err != -EEXIST)
+				goto fail_full;
+		}
 	}
 	/* RFC 4787 REQ-3a: ports 0-1023 stay below 1024 and others above, when the range has both. */
 	if (want < 1024 && lo < 1024)
@@ -152,11 +248,9 @@ static __always_inline int snat_create(struct ct_key *orig, const struct snat_ru
 	else if (want >= 1024 && hi >= 1024)
 		lo = lo > 1024 ? lo : 1024;
 	range = hi - lo + 1;
-	/* Endpoint-independent mapping (RFC 4787 REQ-1, RFC 5382 REQ-1) without a mapping table: the first
-	 * candidate is a function of the inside endpoint alone, so every destination gets the same external
-	 * port unless another endpoint already holds it towards that very destination (then the next one;
-	 * RFC 7857 §3 allows the per-destination reuse that makes this rare). */
-	start = r->flags & SNAT_F_APDM ? bpf_get_prandom_u32() : eim_hash(orig);
+	/* The first candidate is a function of the inside endpoint alone, so a mapping that is released and
+	 * made again comes back on the same port if it is free; under APDM a random start per flow. */
+	start = apdm ? bpf_get_prandom_u32() : eim_hash(orig);
 	for (i = 0; i < NAT_PORT_TRIES; i++) {
 		port = lo + (start + i) % range;
 		/* RFC 4787 REQ-4 (SHOULD): the first half of the tries keep the source port's parity
@@ -164,21 +258,58 @@ static __always_inline int snat_create(struct ct_key *orig, const struct snat_ru
 		if (i < NAT_PORT_TRIES / 2 && (port ^ want) & 1 && (port ^ 1) >= lo && (port ^ 1) <= hi)
 			port ^= 1;
 		rk.dport = bpf_htons((__u16)port);
-		if (port_forwarded(ext, rk.dport, orig->proto) || (eif && eif_port_taken(ext, rk.dport, orig)))
+		if (port_forwarded(ext, rk.dport, orig->proto))
 			continue;
+		/* the last quarter of the tries may share an owned port, except under EIF */
+		if (want_owner) {
+			owned = !port_claim(ext, rk.dport, &mk);
+			if (!owned && (eif || i < NAT_PORT_TRIES * 3 / 4))
+				continue;
+		}
 		err = ct_reply.insert(&rk, &rv);
 		if (!err)
 			goto claimed;
+		if (owned)
+			port_release(ext, rk.dport, orig->proto);
+		owned = 0;
 		if (err != -EEXIST)
-			goto full;
+			goto fail_full;
 	}
 	*reason = STAT_DROP_PORT_EXHAUSTED;
-	return -1;
+	goto fail;
 
 claimed:
-	if (eif)
-		eif_claim(ext, rk.dport, orig);
-	return ct_commit(orig, &rk, ext, state, 0, r->rule_id, reason);
+	rc = ct_commit(orig, &rk, ext, state, 0, r->rule_id, reason);
+	if (!new_mapping)
+		return rc;
+	if (rc) {
+		if (owned)
+			port_release(ext, rk.dport, orig->proto);
+		host_port_give(orig->saddr);
+		return rc;
+	}
+	if (want_owner && !owned)
+		stat_count(STAT_EIM_PORT_SHARED, 0);
+	nm.last_used_ns = bpf_ktime_get_coarse_ns();
+	nm.ext_addr = ext;
+	nm.ext_port = rk.dport;
+	nm.flags = (owned ? NAT_MAP_F_OWNS_PORT : 0) | (eif ? NAT_MAP_F_EIF : 0);
+	nm.rule_id = r->rule_id;
+	/* Another CPU may have made this endpoint's mapping meanwhile (its first two flows at once): this
+	 * flow then keeps its port without a mapping, as after a collision. */
+	if (nat_mappings.insert(&mk, &nm)) {
+		if (owned)
+			port_release(ext, rk.dport, orig->proto);
+		host_port_give(orig->saddr);
+		stat_count(STAT_CT_CREATE_RACE, 0);
+	}
+	return 0;
+fail_full:
+	*reason = STAT_DROP_TABLE_FULL;
+fail:
+	if (new_mapping)
+		host_port_give(orig->saddr);
+	return -1;
 full:
 	*reason = STAT_DROP_TABLE_FULL;
 	return -1;
@@ -222,9 +353,9 @@ static __always_inline int inbound_target(struct ct_key *rk, __be32 *addr, __be1
 {
 	struct dnat_key dk = { .addr = rk->daddr, .port = rk->dport, .proto = rk->proto };
 	struct ext_endpoint ep = {};
-	struct ct_entry *owner;
+	struct nat_mapping *m = NULL;
 	struct dnat_target *t;
-	struct ct_key *anchor;
+	struct ct_key *owner;
 	__be32 *inside;
 
 	if (rk->proto == IPPROTO_ICMP)
@@ -243,16 +374,15 @@ static __always_inline int inbound_target(struct ct_key *rk, __be32 *addr, __be1
 		*rule_id = NATD_RULE_STATIC;
 		return 0;
 	}
-	/* endpoint-independent filtering: anyone may reach a live mapping's inside endpoint */
+	/* endpoint-independent filtering (RFC 4787 REQ-8): anyone may reach a live mapping's inside endpoint */
 	ep.addr = rk->daddr;
 	ep.port = rk->dport;
 	ep.proto = rk->proto;
-	anchor = eif_owners.lookup(&ep);
-	owner = anchor ? ct_orig.lookup(anchor) : NULL;
-	if (anchor && owner && owner->nat_addr == rk->daddr && owner->nat_port == rk->dport) {
-		*addr = anchor->saddr;
-		*port = anchor->sport;
-		*rule_id = owner->rule_id;
+	owner = port_owner_live(&ep, &m);
+	if (owner && m && (m->flags & NAT_MAP_F_EIF)) {
+		*addr = owner->saddr;
+		*port = owner->sport;
+		*rule_id = m->rule_id;
 		return 0;
 	}
 	return -1;

@@ -53,6 +53,8 @@ RESERVED_PORTS = (40000, 40003)
 RESERVED_FWD = (40001, HOST1, 2222)  # tcp 192.0.2.20:40001 -> host1:2222, inside rule 3's range
 STATIC_INSIDE = "10.1.77.7"        # routed via host1 (10.1.0.0/16), so inbound frames are redirected
 STATIC_OUTSIDE = "192.0.2.77"
+CAPPED_HOSTS = "10.0.1.64/28"       # rule 4: on in1's subnet, max_ports_per_host: CAPPED_PORTS
+CAPPED_PORTS = 2
 
 RULES_YAML = f"""
 instance: bpftest
@@ -71,6 +73,9 @@ snat:
   - from: 10.3.0.0/16
     to: [{RESERVED_ADDR}]
     ports: {RESERVED_PORTS[0]}-{RESERVED_PORTS[1]}
+  - from: {CAPPED_HOSTS}
+    ports: {NAT_PORTS[0]}-{NAT_PORTS[1]}
+    max_ports_per_host: {CAPPED_PORTS}
 forward:
   - {{proto: tcp, port: {FWD_TCP[0]}, to: "{FWD_TCP[1]}:{FWD_TCP[2]}"}}
   - {{proto: udp, port: {FWD_UDP[0]}, to: "{FWD_UDP[1]}"}}
@@ -116,6 +121,27 @@ def in_netns(target_fd: int) -> Iterator[None]:
 class Run:
     retval: int
     data: bytes
+
+
+def assert_refused_with_icmp(run: Run, frame: bytes, gateway_addr: str) -> None:
+    """RFC 5508 REQ-8: natd could make no session for ``frame`` and answered its sender with ICMP
+    Destination Unreachable code 13 from ``gateway_addr`` (the gateway's address towards the sender),
+    redirected back out of the interface it came in on, quoting the packet's IP header and 8 bytes."""
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.l2 import Ether
+
+    assert run.retval == XDP_REDIRECT, f"verdict {run.retval}, not a redirected ICMP error"
+    sent, out = Ether(frame), Ether(run.data)
+    assert (out.dst, out.src) == (sent.src, sent.dst)
+    assert (out[IP].src, out[IP].dst, out[IP].proto, out[IP].ttl) == (gateway_addr, sent[IP].src, 1, 64)
+    assert (out[ICMP].type, out[ICMP].code) == (3, 13)
+    assert bytes(out[ICMP].payload)[:28] == bytes(sent[IP])[:28] and len(bytes(out[ICMP].payload)) == 28
+    # checksums: scapy recomputes them when they are deleted; they must come out the same
+    ip = out[IP].copy()
+    del ip.chksum
+    del ip[ICMP].chksum
+    rebuilt = IP(bytes(ip))
+    assert (rebuilt.chksum, rebuilt[ICMP].chksum) == (out[IP].chksum, out[ICMP].chksum)
 
 
 class StatDelta:
@@ -190,3 +216,8 @@ class NatDatapath:
         orphans = [k for k, _ in self.tables.reply_index()]
         if orphans:
             self.tables.delete_replies(orphans)
+        # mappings, port claims and per-host counts go with the flows (natd's reaper would release them)
+        for name in ("nat_mappings", "port_owners", "host_ports"):
+            m = self.tables.map(name)
+            for key in list(m.keys()):
+                m.delete(key)

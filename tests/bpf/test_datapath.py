@@ -6,6 +6,8 @@ the lab namespace of tests/bpf/conftest.py, whose rules are (see harness.RULES_Y
     rule 0  10.0.0.0/16 -> 203.0.113.1 (out0's address)    ports 20000-29999
     rule 1  10.1.0.0/16 -> 192.0.2.1, 192.0.2.2 (paired)     ports 20000-29999
     rule 2  10.2.0.0/16 -> 192.0.2.9                         ports 30000-30003 (exhaustion)
+    rule 3  10.3.0.0/16 -> 192.0.2.20                        ports 40000-40003, one forwarded
+    rule 4  10.0.1.64/28 -> 203.0.113.1                      ports 20000-29999, 2 ports per host
 
 Checksums are checked by letting scapy recompute them (the fields are deleted and the packet rebuilt).
 Reasons are asserted with the deltas of the datapath's own counters (natd.maps.Stat).
@@ -45,6 +47,7 @@ from .harness import (
     XDP_REDIRECT,
     NatDatapath,
     Run,
+    assert_refused_with_icmp,
 )
 
 pytestmark = pytest.mark.bpf
@@ -430,27 +433,24 @@ def test_pool_address_replies_translated_back(dp: NatDatapath) -> None:
     assert_checksums_valid(run.data)
 
 
-def test_external_port_reused_only_across_destinations(dp: NatDatapath) -> None:
-    """Ports are unique per (external address, remote endpoint): two hosts with the same inside port get
-    the same external port towards different destinations, never towards the same one."""
+def test_external_port_belongs_to_one_endpoint(dp: NatDatapath) -> None:
+    """Endpoint-independent mapping (RFC 4787 REQ-1): an external port belongs to one inside endpoint
+    (port_owners), so a second host with the same inside port gets another port even towards another
+    destination, and then keeps it towards every destination, the first host's included. Replies go to
+    the right host each."""
     a = open_flow(dp, src=HOST1, sport=25000, dst=SRV)
     b = open_flow(dp, src="10.0.1.43", sport=25000, dst=SRV2)
-    assert a == b == 25000
-    c = open_flow(dp, src="10.0.1.43", sport=25000, dst=SRV)
-    assert c != 25000
-    # same remote address, other remote port: another endpoint, so 25000 is free there
-    d = open_flow(dp, src="10.0.1.44", sport=25000, dst=SRV, dport=8080)
-    assert d == 25000
+    assert a == 25000 and b != 25000
+    assert open_flow(dp, src="10.0.1.43", sport=25000, dst=SRV) == b
+    assert open_flow(dp, src="10.0.1.43", sport=25000, dst=SRV, dport=8080) == b
+    assert open_flow(dp, src=HOST1, sport=25000, dst=SRV2) == 25000
     # many hosts to one destination: all external ports distinct
     ports = [open_flow(dp, src=f"10.0.3.{i}", sport=25000, dst=SRV) for i in range(1, 40)]
-    assert len({*ports, a, c}) == len(ports) + 2
-    # replies go to the right host each
-    run = dp.outside(tcp_in(dp, "SA", 25000, src=SRV2))
-    assert Ether(run.data)[IP].dst == "10.0.1.43"
-    run = dp.outside(tcp_in(dp, "SA", 25000, src=SRV))
-    assert Ether(run.data)[IP].dst == HOST1
-    run = dp.outside(tcp_in(dp, "SA", c, src=SRV))
+    assert len({*ports, a, b}) == len(ports) + 2
+    run = dp.outside(tcp_in(dp, "SA", b, src=SRV2))
     assert (Ether(run.data)[IP].dst, Ether(run.data)[TCP].dport) == ("10.0.1.43", 25000)
+    run = dp.outside(tcp_in(dp, "SA", 25000, src=SRV2))
+    assert (Ether(run.data)[IP].dst, Ether(run.data)[TCP].dport) == (HOST1, 25000)
 
 
 def test_port_exhaustion(dp: NatDatapath) -> None:
@@ -466,8 +466,10 @@ def test_port_exhaustion(dp: NatDatapath) -> None:
     frame = syn(dp, src="10.2.0.5", sport=40004)
     with dp.counting() as d:
         run = dp.inside(frame)
-    assert_untouched(run, frame, XDP_DROP)
-    assert d[Stat.DROP_PORT_EXHAUSTED] == 1 and d[Stat.XDP_DROP] == 1 and d[Stat.CT_NEW] == 0
+    # RFC 5508 REQ-8: the host hears at once that no session can be made (from in1's address: 10.2.0.0/16
+    # is routed via host1)
+    assert_refused_with_icmp(run, frame, "10.0.1.1")
+    assert d.nonzero() == {"XDP_REDIRECT": 1, "DROP_PORT_EXHAUSTED": 1, "ICMP_UNREACH_SENT": 1}
     assert dp.flow("10.2.0.5", SRV, 40004, 80, TCP_P) is None
     assert len(dp.tables.reply_index()) == 4, "a failed allocation leaves no reply half behind"
     # another destination has all four ports free
@@ -490,8 +492,8 @@ def test_conntrack_table_full(dp: NatDatapath) -> None:
     extra = syn(dp, sport=30500, dst="198.51.100.250")
     with dp.counting() as d:
         run = dp.inside(extra)
-    assert_untouched(run, extra, XDP_DROP)
-    assert d[Stat.DROP_TABLE_FULL] == 1 and d[Stat.CT_NEW] == 0
+    assert_refused_with_icmp(run, extra, GW_IN1)  # RFC 5508 REQ-8
+    assert d[Stat.DROP_TABLE_FULL] == 1 and d[Stat.ICMP_UNREACH_SENT] == 1 and d[Stat.CT_NEW] == 0
     assert len(dp.tables.reply_index()) == CT_MAX, "no reply half without its entry"
     # existing flows still translate, both ways
     first = Ether(runs[0].data)
@@ -502,7 +504,8 @@ def test_conntrack_table_full(dp: NatDatapath) -> None:
     # one flow gone: room for one more
     dp.tables.delete_flows(dp.flows()[:1])
     assert dp.inside(extra).retval == XDP_REDIRECT
-    assert dp.inside(syn(dp, sport=30501, dst="198.51.100.251")).retval == XDP_DROP
+    last = syn(dp, sport=30501, dst="198.51.100.251")
+    assert_refused_with_icmp(dp.inside(last), last, GW_IN1)
 
 
 # ================================================================================ outside: unsolicited

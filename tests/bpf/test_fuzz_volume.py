@@ -658,12 +658,28 @@ class Checker:
             raise Violation("a ct_reply entry without its ct_orig half")
         return raw[0:4], struct.unpack("!H", raw[8:10])[0]
 
+    def check_refusal(self, entry: str, frame: bytes, retval: int, out: bytes, new: int) -> None:
+        """The one frame natd may change the length of: a packet it could make no session for, turned into
+        ICMP Destination Unreachable code 13 back to its sender (RFC 5508 REQ-8, ebpf/lib/icmp_send.h)."""
+        if entry != "inside" or retval != XDP_REDIRECT or new:
+            raise Violation(f"the frame's length changed ({entry}, verdict {retval}, conntrack +{new})")
+        if len(out) != 14 + 20 + 8 + 28 or out[0:6] != frame[6:12] or out[6:12] != frame[0:6]:
+            raise Violation("an ICMP refusal that is not 70 bytes back to the sender's MAC")
+        if out[12:14] != b"\x08\x00" or out[14] != 0x45 or out[23] != ICMP_P or out[34:36] != b"\x03\x0d":
+            raise Violation("an ICMP refusal that is not IPv4 Destination Unreachable code 13")
+        if out[30:34] != frame[26:30] or out[42:70] != frame[14:42]:
+            raise Violation("an ICMP refusal not addressed to the sender or not quoting its packet")
+        if osum(out[14:34]) != 0 or osum(out[34:70]) != 0:
+            raise Violation("an ICMP refusal with a bad IP or ICMP checksum")
+        self.seen["inside icmp refusal"] += 1
+
     # ------------------------------------------------------------------------------------------
     def check(self, entry: str, frame: bytes, retval: int, out: bytes, new: int) -> None:
         if retval not in (XDP_DROP, XDP_PASS, XDP_REDIRECT):
             raise Violation(f"verdict {retval}")
         if len(out) != len(frame):
-            raise Violation("the frame's length changed")
+            self.check_refusal(entry, frame, retval, out, new)
+            return
         self.seen[f"{entry} {VERDICT_NAMES[retval]}"] += 1
         if new > 1 and not (entry == "inside" and frame[30:34] in self.model.ext):
             raise Violation(f"{new} conntrack entries from one frame")

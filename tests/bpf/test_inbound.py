@@ -42,6 +42,7 @@ from .harness import (
     XDP_PASS,
     XDP_REDIRECT,
     NatDatapath,
+    assert_refused_with_icmp,
 )
 from .test_datapath import (
     SRV,
@@ -339,8 +340,9 @@ def test_random_allocation_never_hands_out_a_forwarded_port(dp: NatDatapath) -> 
         frame = syn(dp, src="10.3.1.9", sport=50000 + rnd, dst=SRV)
         with dp.counting() as d:
             run = dp.inside(frame)
-        assert_untouched(run, frame, XDP_DROP)
-        assert d.nonzero() == {"XDP_DROP": 1, "DROP_PORT_EXHAUSTED": 1}
+        # 10.3.0.0/16 has no route on gw but the default one: the gateway answers from out0's address
+        assert_refused_with_icmp(run, frame, GW_OUT)
+        assert d.nonzero() == {"XDP_REDIRECT": 1, "DROP_PORT_EXHAUSTED": 1, "ICMP_UNREACH_SENT": 1}
     # UDP is not forwarded: all four ports are usable
     dp.clear_flows()
     ports = [Ether(dp.inside(bytes(eth_in(dp) / IP(src=f"10.3.1.{i + 1}", dst=SRV) /
@@ -473,8 +475,8 @@ def test_static_port_already_mapped_to_the_destination_is_exhausted(dp: NatDatap
     frame = from_host(dp, TCP(sport=45000, dport=80, flags="S"), src=STATIC_INSIDE, dst=SRV)
     with dp.counting() as d:
         run = dp.inside(frame)
-    assert_untouched(run, frame, XDP_DROP)
-    assert d.nonzero() == {"XDP_DROP": 1, "DROP_PORT_EXHAUSTED": 1}
+    assert_refused_with_icmp(run, frame, "10.0.1.1")  # in1's address: 10.1.0.0/16 is routed via host1
+    assert d.nonzero() == {"XDP_REDIRECT": 1, "DROP_PORT_EXHAUSTED": 1, "ICMP_UNREACH_SENT": 1}
     assert dp.flow(STATIC_INSIDE, SRV, 45000, 80, TCP_P) is None
     assert len(dp.tables.reply_index()) == 1
     # the same port towards another destination (or another port of the same one) is free

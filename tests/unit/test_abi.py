@@ -35,6 +35,7 @@ ENUMS: dict[str, tuple[type[enum.Enum], str, tuple[str, ...]]] = {
     "ct_flags": (maps.CtFlags, "CT_F_", ()),
     "nat_event_type": (maps.NatEventType, "NAT_EVENT_", ()),
     "snat_rule_flags": (maps.SnatRuleFlags, "SNAT_F_", ()),
+    "nat_mapping_flags": (maps.NatMappingFlags, "NAT_MAP_F_", ()),
 }
 Layout = dict[str, dict[str, tuple[int, ...]]]
 

@@ -137,7 +137,8 @@ ERROR_CASES = [
           - from: 10.0.0.0/8
             prots: 1024-2047
         """, 5, "snat[0].prots",
-        "unknown key 'prots'; known keys: from, to, ports, mapping, filtering; did you mean 'ports'?",
+        "unknown key 'prots'; known keys: from, to, ports, mapping, filtering, max_ports_per_host; "
+        "did you mean 'ports'?",
         id="unknown-nested"),
     pytest.param("""
         inside: [eth1]

@@ -27,6 +27,7 @@ from natd.maps import (
     CT_ENTRY_DTYPE,
     CT_KEY_DTYPE,
     CT_REPLY_VALUE_DTYPE,
+    NAT_MAPPING_DTYPE,
     PROTO_ICMP,
     PROTO_TCP,
     PROTO_UDP,
@@ -35,6 +36,7 @@ from natd.maps import (
     CtKey,
     CtReplyValue,
     CtState,
+    NatMapping,
     be32_to_ip,
     ip_to_be32,
     port_to_be16,
@@ -626,6 +628,7 @@ def test_thread_rejects_a_bad_interval() -> None:
     (CtKey, CT_KEY_DTYPE),
     (CtEntry, CT_ENTRY_DTYPE),
     (CtReplyValue, CT_REPLY_VALUE_DTYPE),
+    (NatMapping, NAT_MAPPING_DTYPE),
 ])
 def test_dtypes_match_the_ctypes_structs(struct: type[ctypes.Structure], dtype: np.dtype[Any]) -> None:
     """Same size, same fields in the same order at the same offsets with the same sizes (test_abi.py ties
