@@ -37,8 +37,10 @@ from natd.maps import (
     CtReplyValue,
     CtState,
     NatMapping,
+    NatMappingFlags,
     be32_to_ip,
     ip_to_be32,
+    mapping_key_for,
     port_to_be16,
     reply_key_for,
 )
@@ -937,3 +939,73 @@ def test_no_on_delete_call_when_nothing_was_deleted() -> None:
     calls: list[Sequence[Flow]] = []
     Reaper(t, StubTimeouts(), clock=Clock(), on_delete=calls.append).sweep()
     assert calls == []
+
+
+# --- NAT mappings: released with their endpoint's last flow ------------------------------------------------
+
+
+def add_mapping(t: FakeTables, f: Flow, *, endpoint_independent: bool = True,
+                last_used: int = NOW - S) -> CtKey:
+    """The mapping the datapath makes with a flow's first packet (natd.maps.mapping_key_for)."""
+    key = mapping_key_for(f[0], endpoint_independent)
+    m = NatMapping()
+    m.last_used_ns = last_used
+    m.ext_addr, m.ext_port = f[1].nat_addr, f[1].nat_port
+    m.flags = int(NatMappingFlags.OWNS_PORT)
+    t.add_mapping(key, m)
+    return key
+
+
+def test_mapping_released_when_its_last_flow_is_reaped() -> None:
+    t = CopyingTables()
+    old = flow(PROTO_UDP, CtState.NONE, 25)
+    live = flow(PROTO_UDP, CtState.NONE, 1, src="10.0.0.3")
+    populate(t, old, live)
+    gone_key, kept_key = add_mapping(t, old), add_mapping(t, live)
+
+    result = Reaper(t, StubTimeouts(), clock=Clock()).sweep()
+
+    assert (result.reaped, result.mappings_released, result.mappings) == (1, 1, 1)
+    assert set(t.mappings) == {kept_key} and gone_key not in t.mappings
+    assert t.host_ports() == {ip_to_be32("10.0.0.3"): 1}
+
+
+def test_mapping_stays_while_any_flow_of_the_endpoint_lives() -> None:
+    """Endpoint-independent: the mapping key has no remote, and another flow of the same inside endpoint
+    (to another remote) keeps it."""
+    t = CopyingTables()
+    old = flow(PROTO_UDP, CtState.NONE, 25)
+    _, entry = flow(PROTO_UDP, CtState.NONE, 1)
+    sibling = CtKey.make(str(old[0].src), "198.51.100.99", old[0].src_port, 53, PROTO_UDP)
+    populate(t, old, (sibling, entry))
+    mk = add_mapping(t, old)
+    result = Reaper(t, StubTimeouts(), clock=Clock()).sweep()
+    assert (result.reaped, result.mappings_released) == (1, 0) and mk in t.mappings
+
+
+def test_address_and_port_dependent_mapping_is_the_whole_tuple() -> None:
+    t = CopyingTables()
+    live = flow(PROTO_TCP, CtState.ESTABLISHED, 1)
+    old = flow(PROTO_TCP, CtState.SYN_SENT, 100)
+    populate(t, live, old)
+    kept = add_mapping(t, live, endpoint_independent=False)
+    gone = add_mapping(t, old, endpoint_independent=False)
+    Reaper(t, StubTimeouts(), clock=Clock()).sweep()
+    assert kept in t.mappings and gone not in t.mappings
+
+
+def test_mapping_a_new_flow_took_after_the_read_is_kept() -> None:
+    """A mapping whose last_used_ns moved since the sweep read it has a flow the read did not see."""
+    class Taken(CopyingTables):
+        def lookup_mappings(self, keys: npt.NDArray[np.void]) -> tuple[npt.NDArray[np.bool_],
+                                                                        npt.NDArray[np.void]]:
+            for m in self.mappings.values():
+                m.last_used_ns += 1  # a flow took it between the read and the re-check
+            return super().lookup_mappings(keys)
+
+    t = Taken()
+    old = flow(PROTO_UDP, CtState.NONE, 25)
+    populate(t, old)
+    mk = add_mapping(t, old)
+    result = Reaper(t, StubTimeouts(), clock=Clock()).sweep()
+    assert (result.reaped, result.mappings_released) == (1, 0) and mk in t.mappings
