@@ -115,7 +115,7 @@ StateKey = tuple[str, str]  # (proto, state) as natd.reaper.state_label names th
 
 # The stats summed into direction="in" (see the module docstring).
 IN_FROM_SOURCE = (Stat.SNAT_OUT, Stat.DROP_SPOOFED_INSIDE, Stat.DROP_UNSUPPORTED, Stat.DROP_PORT_EXHAUSTED,
-                  Stat.DROP_TABLE_FULL, Stat.DROP_FRAG_NEEDED_NO_DF)
+                  Stat.DROP_TABLE_FULL, Stat.DROP_FRAG_NEEDED_NO_DF, Stat.DROP_HOST_PORT_LIMIT)
 IN_FROM_DESTINATION = (Stat.DNAT_IN, Stat.DROP_NO_MAPPING)
 _DIRECTIONS: tuple[tuple[str, str, tuple[Stat, ...]], ...] = (
     ("in", "source", IN_FROM_SOURCE),
@@ -151,6 +151,10 @@ class SweepSummary(Protocol):
     def entries_by_state(self) -> Mapping[StateKey, int]: ...
     @property
     def ports_in_use(self) -> Mapping[str, int]: ...
+    @property
+    def mappings(self) -> int: ...
+    @property
+    def mappings_released(self) -> int: ...
 
 
 @dataclass
@@ -170,6 +174,8 @@ class ReaperStatus:
     reaped_total: dict[StateKey, int] = field(default_factory=dict)
     idle_timeouts_total: int = 0
     orphans_deleted_total: int = 0
+    mappings: int = 0
+    mappings_released_total: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def update(self, result: SweepSummary, unixtime: float) -> None:
@@ -187,6 +193,8 @@ class ReaperStatus:
                 self.reaped_total[key] = self.reaped_total.get(key, 0) + n
             self.idle_timeouts_total += result.reaped
             self.orphans_deleted_total += result.orphans
+            self.mappings = result.mappings
+            self.mappings_released_total += result.mappings_released
 
     def snapshot(self) -> ReaperStatus:
         """A consistent copy (its dicts are copies too)."""
@@ -317,6 +325,14 @@ class NatdCollector:
                                 "Flows in the conntrack table, counted by the reaper's last sweep (scrapes "
                                 "never walk the table, which can hold millions of entries).",
                                 value=status.entries)
+        yield GaugeMetricFamily("natd_mappings",
+                                "NAT mappings (inside endpoint -> external address:port) at the reaper's "
+                                "last sweep; each holds one external port, and lives while its endpoint "
+                                "has flows.",
+                                value=status.mappings)
+        yield CounterMetricFamily("natd_mappings_released_total",
+                                  "Mappings the reaper deleted because their last flow was gone.",
+                                  value=status.mappings_released_total)
         by_state = GaugeMetricFamily("natd_conntrack_entries_by_state",
                                      "Flows by protocol and state at the reaper's last sweep; UDP and ICMP "
                                      "flows are 'replied' or 'unreplied'.", labels=["proto", "state"])
@@ -387,6 +403,22 @@ class NatdCollector:
         icmp.add_metric(["in"], packets(Stat.ICMP_ERROR_IN))
         icmp.add_metric(["out"], packets(Stat.ICMP_ERROR_OUT))
         yield icmp
+        yield CounterMetricFamily("natd_icmp_unreachable_sent_total",
+                                  "ICMP Destination Unreachable (code 13) natd sent to inside hosts whose "
+                                  "packet could get no session: no port, max_ports_per_host, table full "
+                                  "(RFC 5508 REQ-8).", value=packets(Stat.ICMP_UNREACH_SENT))
+        yield CounterMetricFamily("natd_icmp_unreachable_rate_limited_total",
+                                  "The same, not sent because of the rate limit (RFC 1812 4.3.2.8); the "
+                                  "packets were dropped silently.",
+                                  value=packets(Stat.ICMP_UNREACH_RATE_LIMITED))
+        yield CounterMetricFamily("natd_mapping_ports_shared_total",
+                                  "New endpoint-independent mappings that had to share an external port with "
+                                  "another inside endpoint (no free port among the tries; RFC 7857 3).",
+                                  value=packets(Stat.EIM_PORT_SHARED))
+        yield CounterMetricFamily("natd_mapping_collisions_total",
+                                  "Flows that could not use their endpoint's mapping (its shared port was "
+                                  "busy towards that remote) and got a port of their own.",
+                                  value=packets(Stat.EIM_COLLISION))
         yield CounterMetricFamily("natd_fragments_translated_total",
                                   "Non-first IPv4 fragments translated like their datagram's first fragment.",
                                   value=packets(Stat.FRAG_TRANSLATED))

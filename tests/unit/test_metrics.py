@@ -110,8 +110,8 @@ def test_direction_and_side(config: Config) -> None:
     assert v("natd_packets_total", out_src) == packets(Stat.DNAT_IN) == 107.0
     assert v("natd_bytes_total", out_src) == byts(Stat.DNAT_IN)
     from_source = (Stat.SNAT_OUT, Stat.DROP_SPOOFED_INSIDE, Stat.DROP_UNSUPPORTED, Stat.DROP_PORT_EXHAUSTED,
-                   Stat.DROP_TABLE_FULL, Stat.DROP_FRAG_NEEDED_NO_DF)
-    assert v("natd_packets_total", in_src) == sum(packets(s) for s in from_source) == 716.0
+                   Stat.DROP_TABLE_FULL, Stat.DROP_FRAG_NEEDED_NO_DF, Stat.DROP_HOST_PORT_LIMIT)
+    assert v("natd_packets_total", in_src) == sum(packets(s) for s in from_source) == 854.0
     assert v("natd_bytes_total", in_src) == sum(byts(s) for s in from_source)
     assert v("natd_packets_total", in_dst) == packets(Stat.DNAT_IN) + packets(Stat.DROP_NO_MAPPING) == 225.0
     assert v("natd_bytes_total", in_dst) == byts(Stat.DNAT_IN) + byts(Stat.DROP_NO_MAPPING)
@@ -237,12 +237,14 @@ def test_describe_matches_collect_and_has_no_samples(config: Config) -> None:
     assert all(f.samples == [] for f in described)
     assert family_names(iter(described)) == [
         "natd_build_info", "natd_conntrack_entries_limit", "natd_conntrack_entries",
-        "natd_conntrack_entries_by_state", "natd_external_ports_limit", "natd_external_ports_in_use",
+        "natd_mappings", "natd_mappings_released", "natd_conntrack_entries_by_state",
+        "natd_external_ports_limit", "natd_external_ports_in_use",
         "natd_idle_timeouts", "natd_conntrack_reaped", "natd_conntrack_orphan_replies_deleted",
         "natd_reaper_last_duration_seconds", "natd_reaper_last_success_timestamp_seconds",
         "natd_stats_read_success", "natd_connection_attempts", "natd_connections_established",
         "natd_port_allocation_errors", "natd_conntrack_create_races", "natd_icmp_errors_translated",
-        "natd_fragments_translated", "natd_hairpin_packets",
+        "natd_icmp_unreachable_sent", "natd_icmp_unreachable_rate_limited", "natd_mapping_ports_shared",
+        "natd_mapping_collisions", "natd_fragments_translated", "natd_hairpin_packets",
         "natd_packets", "natd_bytes",
         "natd_packets_dropped", "natd_packets_passed", "natd_xdp_verdicts", "natd_events_lost",
         "natd_events_write_errors",
@@ -299,3 +301,17 @@ def test_http_server_port_in_use_is_a_config_error(config: Config) -> None:
     assert exc.value.key == "metrics.listen"
     assert str(exc.value) == (f"<config>: metrics.listen: cannot serve metrics on 127.0.0.1:{port}: Address "
                               "already in use; stop what holds the port or choose another metrics.listen")
+
+
+def test_mapping_and_icmp_refusal_metrics(config: Config) -> None:
+    status = ReaperStatus()
+    status.update(sweep(mappings=4, mappings_released=2), 1.0)
+    status.update(sweep(mappings=3, mappings_released=1), 2.0)
+    v = registry_for(NatdCollector(counting_tables(), config, status)).get_sample_value
+    assert v("natd_mappings") == 3 and v("natd_mappings_released_total") == 3
+    assert v("natd_icmp_unreachable_sent_total") == packets(Stat.ICMP_UNREACH_SENT)
+    assert v("natd_icmp_unreachable_rate_limited_total") == packets(Stat.ICMP_UNREACH_RATE_LIMITED)
+    assert v("natd_mapping_ports_shared_total") == packets(Stat.EIM_PORT_SHARED)
+    assert v("natd_mapping_collisions_total") == packets(Stat.EIM_COLLISION)
+    dropped = v("natd_packets_dropped_total", {"reason": "host_port_limit"})
+    assert dropped == packets(Stat.DROP_HOST_PORT_LIMIT)
