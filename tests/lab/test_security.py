@@ -703,9 +703,11 @@ def test_gateway_service_reachable_metrics_port_not(sec: Any) -> None:
 
 def test_port_exhaustion_fails_cleanly_and_spares_other_destinations(lab: Any, natd_factory: Any) -> None:
     """host1's rule has 20 ports (long timeouts: defaults). 30 connections at once to srv1:18400: exactly
-    20 get through, each with its own port of the range, the other 10 time out on the client (the SYNs
-    are dropped and counted as port allocation errors, nothing half-open is left); meanwhile host1 -> srv2
-    (another destination: ports are claimed per destination) and host2 -> srv1 still work."""
+    20 get through, each with its own port of the range, the other 10 fail at once on the client with
+    EHOSTUNREACH (the SYNs are dropped, counted as port allocation errors and answered with ICMP
+    Destination Unreachable code 13, RFC 5508 REQ-8; nothing half-open is left); meanwhile host1 -> srv2
+    (another destination: new mappings share a port when none is free, RFC 7857 §3) and host2 -> srv1
+    still work."""
     pool, lo, hi = "192.0.2.9", 20000, 20019
     natd = natd_factory(lab, {"inside": ["in1", "in2"], "outside": "out0",
                               "snat": [{"from": "10.0.1.0/24", "to": [pool], "ports": f"{lo}-{hi}"},
@@ -733,7 +735,7 @@ def test_port_exhaustion_fails_cleanly_and_spares_other_destinations(lab: Any, n
     assert len(peers) == hi - lo + 1, result
     assert {p.split(":")[0] for p in peers} == {pool}
     assert sorted(int(p.split(":")[1]) for p in peers) == list(range(lo, hi + 1))
-    assert result["failed"] == ["timeout"] * (30 - (hi - lo + 1))
+    assert result["failed"] == ["EHOSTUNREACH"] * (30 - (hi - lo + 1))
     assert errors >= len(result["failed"])
     assert len(table) == hi - lo + 1 and {f["state"] for f in table} == {"ESTABLISHED"}
     assert len(other_dst_r["peers"]) == 3 and other_dst_r["failed"] == []
