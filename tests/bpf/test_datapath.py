@@ -727,9 +727,10 @@ def test_too_big_without_df_translated_and_passed_for_fragmentation(dp: NatDatap
     entry = flow(dp, HOST1, SRV, 5353, 53, UDP_P)
     assert (str(entry.nat_ip), entry.nat_port_host) == (GW_OUT, out[UDP].sport) and entry.packets_orig == 1
     # the flow's next packets, small ones, are redirected as usual; replies come back
-    assert Ether(dp.inside(bytes(eth_in(dp) / IP(src=HOST1, dst=SRV) / UDP(sport=5353, dport=53) / b"q")).data)[
-        UDP].sport == out[UDP].sport
-    run = dp.outside(bytes(eth_out(dp) / IP(src=SRV, dst=GW_OUT) / UDP(sport=53, dport=out[UDP].sport) / b"a"))
+    small = bytes(eth_in(dp) / IP(src=HOST1, dst=SRV) / UDP(sport=5353, dport=53) / b"q")
+    assert Ether(dp.inside(small).data)[UDP].sport == out[UDP].sport
+    reply = eth_out(dp) / IP(src=SRV, dst=GW_OUT) / UDP(sport=53, dport=out[UDP].sport) / b"a"
+    run = dp.outside(bytes(reply))
     assert run.retval == XDP_REDIRECT
     assert (Ether(run.data)[IP].dst, Ether(run.data)[UDP].dport) == (HOST1, 5353)
 

@@ -284,7 +284,8 @@ while n < want and time.monotonic() < end:
 """
 
 
-def test_datagrams_too_big_for_the_outside_link_without_df_are_fragmented(lab: Any, natd_factory: Any) -> None:
+def test_datagrams_too_big_for_the_outside_link_without_df_are_fragmented(lab: Any,
+                                                                          natd_factory: Any) -> None:
     """RFC 4787 REQ-13a: gw's outside link has MTU 1280. host1's datagrams without DF, 1400 bytes and 4000
     bytes (which host1 fragments for its own 1500), are translated and then fragmented by gw's kernel, in
     order; srv1 receives them reassembled from host1's external endpoint. Its replies, fragmented by inet
