@@ -93,8 +93,8 @@ int xdp_inside(struct xdp_md *ctx)
 		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
 	if (l4 > 0) {
 		if (f.icmp && icmp_is_error(f.icmp->type)) {
-			/* An ICMP error is at most 576 bytes (RFC 1812 4.3.2.3): one too big for the outside
-			 * link is not a host's, and the kernel would fragment it untranslated. */
+			/* ICMP errors should not exceed 576 bytes (RFC 1812 4.3.2.3), so one too big for the
+			 * outside link is dropped: icmp_error_out() translates and forwards whole packets. */
 			if (too_big)
 				return verdict(ctx, XDP_DROP, STAT_DROP_FRAG_NEEDED_NO_DF);
 			return icmp_error_out(ctx, &c, eth, ip, f.icmp, &fib, fib_rc);
