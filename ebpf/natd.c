@@ -41,6 +41,7 @@ int xdp_inside(struct xdp_md *ctx)
 	struct iphdr *ip = NULL;
 	__u32 reason = 0;
 	int act, fib_rc, l4, outbound;
+	int too_big = 0;
 
 	act = parse_frame(ctx, &c, &eth, &ip);
 	if (act != FRAME_IPV4)
@@ -57,12 +58,12 @@ int xdp_inside(struct xdp_md *ctx)
 		/* With DF the kernel sends Fragmentation Needed to the inside host (PMTU discovery). */
 		if (ip->frag_off & bpf_htons(0x4000))
 			return verdict(ctx, XDP_PASS, STAT_PASS_FRAG_NEEDED);
-		/* Without DF the kernel would fragment and forward it untranslated: only allowed inside. */
+		/* Without DF (RFC 4787 REQ-13a) it is translated below like any packet and then handed to the
+		 * kernel, which fragments and forwards it (accept_local on the inside interfaces lets it take a
+		 * packet whose source is the gateway's own address). The lookup without the MTU check gives
+		 * the egress interface. */
+		too_big = 1;
 		fib_rc = fib_lookup_v4(ctx, &fib, ip, ip->saddr, ip->daddr, 0);
-		if ((fib_rc == BPF_FIB_LKUP_RET_SUCCESS || fib_rc == BPF_FIB_LKUP_RET_NO_NEIGH) &&
-		    fib_is_outside(fib.ifindex))
-			return verdict(ctx, XDP_DROP, STAT_DROP_FRAG_NEEDED_NO_DF);
-		return verdict(ctx, XDP_PASS, STAT_PASS_INSIDE_ROUTE);
 	}
 	if (fib_rc == BPF_FIB_LKUP_RET_NOT_FWDED)
 		return verdict(ctx, XDP_PASS, STAT_PASS_LOCAL);
@@ -80,6 +81,8 @@ int xdp_inside(struct xdp_md *ctx)
 			return verdict(ctx, XDP_DROP, STAT_DROP_FRAG_UNKNOWN);
 		frag_set_saddr(ip, frag_addr);
 		stat_count(STAT_FRAG_TRANSLATED, bytes);
+		if (too_big)
+			return verdict(ctx, XDP_PASS, STAT_PASS_FRAGMENT_OUT);
 		if (fib_rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 			return verdict(ctx, XDP_PASS, STAT_PASS_NO_NEIGH);
 		return count_action(ctx, fib_redirect(eth, ip, &fib));
@@ -90,8 +93,13 @@ int xdp_inside(struct xdp_md *ctx)
 	if (l4 < 0)
 		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
 	if (l4 > 0) {
-		if (f.icmp && icmp_is_error(f.icmp->type))
+		if (f.icmp && icmp_is_error(f.icmp->type)) {
+			/* ICMP errors should not exceed 576 bytes (RFC 1812 4.3.2.3), so one too big for the
+			 * outside link is dropped: icmp_error_out() translates and forwards whole packets. */
+			if (too_big)
+				return verdict(ctx, XDP_DROP, STAT_DROP_FRAG_NEEDED_NO_DF);
 			return icmp_error_out(ctx, &c, eth, ip, f.icmp, &fib, fib_rc);
+		}
 		return verdict(ctx, XDP_DROP, STAT_DROP_UNSUPPORTED);
 	}
 
@@ -113,6 +121,10 @@ int xdp_inside(struct xdp_md *ctx)
 		frag_remember(&fk, e->nat_addr);
 	stat_count(STAT_SNAT_OUT, bytes);
 
+	/* Too big for the outside link, DF=0: translated already, the kernel fragments it (in order) and
+	 * forwards the fragments (RFC 4787 REQ-13a). */
+	if (too_big)
+		return verdict(ctx, XDP_PASS, STAT_PASS_FRAGMENT_OUT);
 	/* Unresolved next hop: the kernel forwards this (already translated) packet and resolves the
 	 * neighbour for the next ones. */
 	if (fib_rc == BPF_FIB_LKUP_RET_NO_NEIGH)

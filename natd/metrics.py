@@ -18,7 +18,11 @@ natd_fragments_translated_total            FRAG_TRANSLATED: later fragments tran
 natd_packets_total / natd_bytes_total      see "Traffic directions" below
 natd_packets_dropped_total{reason}         every DROP_* counter; reason = the name without DROP_,
                                            lower-case (malformed, no_mapping, port_exhausted, ...)
-natd_packets_passed_total{reason}          every PASS_* counter, handed to the kernel untouched
+natd_packets_passed_total{reason}          every PASS_* counter, handed to the kernel: untouched, except
+                                           no_neigh and fragment_out: translated already (and counted
+                                           as such: SNAT_OUT, DNAT_IN or FRAG_TRANSLATED); fragment_out
+                                           is too big for the outside link with DF=0, so the kernel
+                                           fragments it (RFC 4787 REQ-13a)
 natd_xdp_verdicts_total{verdict}           XDP_ABORTED/DROP/PASS/TX/REDIRECT: aborted, drop, pass, tx,
                                            redirect
 natd_events_lost_total                     NAT events lost: EVENTS_LOST (the datapath's ring buffer was
@@ -40,7 +44,9 @@ direction="out", side="source"             DNAT_IN (PacketsOutToSource): replies
 direction="in", side="source"              PacketsInFromSource: SNAT_OUT + the drops only outbound
                                            traffic to translate can have: DROP_SPOOFED_INSIDE,
                                            DROP_UNSUPPORTED, DROP_PORT_EXHAUSTED, DROP_TABLE_FULL,
-                                           DROP_FRAG_NEEDED_NO_DF
+                                           DROP_FRAG_NEEDED_NO_DF (an inside ICMP error too big for
+                                           the outside link; other DF=0 packets that are too big are
+                                           translated, in SNAT_OUT, and fragmented by the kernel)
 direction="in", side="destination"         PacketsInFromDestination: DNAT_IN + DROP_NO_MAPPING
                                            (unsolicited packets to a NAT port of an external address)
 =========================================  ==========================================================

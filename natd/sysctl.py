@@ -20,7 +20,8 @@ def read_local_port_range(proc: str = "/proc") -> tuple[int, int]:
 def enable_accept_local(ifname: str, proc: str = "/proc") -> bool:
     """Let the kernel forward an already-translated packet (source = the gateway's own address) that
     arrives on an inside interface. XDP hands such a packet to the kernel when the next hop's MAC is
-    not resolved yet (bpf_fib_lookup says NO_NEIGH); without accept_local the kernel drops it as a
+    not resolved yet (bpf_fib_lookup says NO_NEIGH), or when it is too big for the outside link without
+    DF (the kernel fragments it, RFC 4787 REQ-13a); without accept_local the kernel drops it as a
     martian source. Only traffic spoofing the gateway's own address is affected otherwise.
     Returns True when natd changed the setting."""
     path = f"{proc}/sys/net/ipv4/conf/{ifname}/accept_local"

@@ -221,7 +221,7 @@ enum natd_stat {
 	STAT_DROP_UNSUPPORTED,    /* fragment / IP options / protocol natd cannot translate, bound outside */
 	STAT_DROP_PORT_EXHAUSTED,
 	STAT_DROP_TABLE_FULL,
-	STAT_DROP_FRAG_NEEDED_NO_DF, /* too big, no DF: forwarding it untranslated would leak */
+	STAT_DROP_FRAG_NEEDED_NO_DF, /* an ICMP error from inside, too big for the outside link, no DF */
 	STAT_DROP_OUT_OF_WINDOW,  /* a RST from the internet outside the inside host's window */
 	/* conntrack events */
 	STAT_CT_NEW,

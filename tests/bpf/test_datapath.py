@@ -24,7 +24,7 @@ from collections.abc import Callable
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert, fragment
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Packet, Raw
@@ -711,13 +711,72 @@ def test_too_big_with_df_passed_for_frag_needed(dp: NatDatapath) -> None:
     assert d[Stat.PASS_FRAG_NEEDED] == 1
 
 
-def test_too_big_without_df_dropped(dp: NatDatapath) -> None:
-    """The kernel would fragment and forward it untranslated."""
-    frame = bytes(eth_in(dp) / IP(src=HOST1, dst=SRV) / UDP(sport=5353, dport=53) / (b"x" * 1500))
+def test_too_big_without_df_translated_and_passed_for_fragmentation(dp: NatDatapath) -> None:
+    """RFC 4787 REQ-13a: a DF=0 datagram too big for out0 (1528 > 1500) is translated like any packet and
+    handed to the kernel, which fragments and forwards it; nothing leaves untranslated. MACs and TTL are
+    the kernel's to change (it forwards it). The reply comes back through the mapping it created."""
+    frame = bytes(eth_in(dp) / IP(src=HOST1, dst=SRV, id=0x0d0d) / UDP(sport=5353, dport=53) / (b"x" * 1500))
+    with dp.counting() as d:
+        run = dp.inside(frame)
+    assert run.retval == XDP_PASS
+    out = Ether(run.data)
+    assert d.nonzero() == {"XDP_PASS": 1, "SNAT_OUT": 1, "PASS_FRAGMENT_OUT": 1, "CT_NEW": 1}
+    assert (out[IP].src, out[IP].dst, out[UDP].dport) == (GW_OUT, SRV, 53)
+    assert NAT_PORTS[0] <= out[UDP].sport <= NAT_PORTS[1]
+    assert (out[IP].ttl, out[IP].id, out[IP].flags.DF) == (64, 0x0d0d, 0)
+    assert (out.src, out.dst) == (Ether(frame).src, Ether(frame).dst)
+    assert changed_offsets(frame, run.data) <= {24, 25, 26, 27, 28, 29, 34, 35, 40, 41}
+    assert_checksums_valid(run.data)
+    entry = flow(dp, HOST1, SRV, 5353, 53, UDP_P)
+    assert (str(entry.nat_ip), entry.nat_port_host) == (GW_OUT, out[UDP].sport) and entry.packets_orig == 1
+    # the flow's next packets, small ones, are redirected as usual; replies come back
+    small = bytes(eth_in(dp) / IP(src=HOST1, dst=SRV) / UDP(sport=5353, dport=53) / b"q")
+    assert Ether(dp.inside(small).data)[UDP].sport == out[UDP].sport
+    reply = eth_out(dp) / IP(src=SRV, dst=GW_OUT) / UDP(sport=53, dport=out[UDP].sport) / b"a"
+    run = dp.outside(bytes(reply))
+    assert run.retval == XDP_REDIRECT
+    assert (Ether(run.data)[IP].dst, Ether(run.data)[UDP].dport) == (HOST1, 5353)
+
+
+def test_too_big_tcp_segment_of_an_existing_flow_without_df_passed_translated(dp: NatDatapath) -> None:
+    port = open_flow(dp)
+    frame = bytes(eth_in(dp) / IP(src=HOST1, dst=SRV) / TCP(sport=40000, dport=80, flags="A") / (b"t" * 1480))
+    with dp.counting() as d:
+        run = dp.inside(frame)
+    assert run.retval == XDP_PASS
+    assert d.nonzero() == {"XDP_PASS": 1, "SNAT_OUT": 1, "PASS_FRAGMENT_OUT": 1}
+    out = Ether(run.data)
+    assert (out[IP].src, out[TCP].sport, out[IP].ttl) == (GW_OUT, port, 64)
+    assert_checksums_valid(run.data)
+
+
+def test_too_big_fragments_without_df_translated_and_passed(dp: NatDatapath) -> None:
+    """A datagram an inside host fragmented for its own 1600-byte link: the first fragment (by its ports) and
+    the later ones (by what natd remembered of the first) are translated; the too-big ones go to the kernel
+    to be fragmented again, the last, small one is redirected."""
+    frags = fragment(IP(src=HOST1, dst=SRV, id=0x2e2e, ttl=64) / UDP(sport=40030, dport=53) / (b"f" * 3500),
+                     fragsize=1576)
+    assert len(frags) == 3 and len(frags[0]) > 1500 and len(frags[1]) > 1500 and len(frags[2]) < 1500
+    runs = []
+    with dp.counting() as d:
+        for f in frags:
+            runs.append(dp.inside(bytes(eth_in(dp) / f)))
+    assert [r.retval for r in runs] == [XDP_PASS, XDP_PASS, XDP_REDIRECT]
+    assert d[Stat.PASS_FRAGMENT_OUT] == 2 and d[Stat.FRAG_TRANSLATED] == 2 and d[Stat.SNAT_OUT] == 1
+    assert {Ether(r.data)[IP].src for r in runs} == {GW_OUT}
+    assert [Ether(r.data)[IP].ttl for r in runs] == [64, 64, 63]
+    for r in runs:
+        assert_checksums_valid_ip_only(r.data)
+
+
+def test_too_big_icmp_error_without_df_dropped(dp: NatDatapath) -> None:
+    """An ICMP error is at most 576 bytes (RFC 1812): a 1528-byte one from inside is never forwarded."""
+    quoted = IP(src=SRV, dst=HOST1) / UDP(sport=53, dport=5353)
+    frame = bytes(eth_in(dp) / IP(src=HOST1, dst=SRV) / ICMP(type=3, code=3) / bytes(quoted) / (b"e" * 1472))
     with dp.counting() as d:
         run = dp.inside(frame)
     assert_untouched(run, frame, XDP_DROP)
-    assert d[Stat.DROP_FRAG_NEEDED_NO_DF] == 1
+    assert d.nonzero() == {"XDP_DROP": 1, "DROP_FRAG_NEEDED_NO_DF": 1}
 
 
 def test_too_big_inside_to_inside_passed(dp: NatDatapath) -> None:

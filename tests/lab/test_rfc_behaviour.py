@@ -227,3 +227,93 @@ def test_a_4000_byte_udp_datagram_crosses_both_ways(lab: Any, natd_factory: Any)
     out = lab.exec("host1", [sys.executable, "-c", BIG_ASK, srv1], timeout=20).stdout.split()
     assert out == ["4000", "True"]
     assert (natd.metric("natd_fragments_translated_total") or 0) >= 4  # 2 later fragments each way
+
+
+# Echoes each datagram reversed, prefixed with the peer it saw; replies without DF (IP_PMTUDISC_DONT), so
+# the router in front of the small link fragments them.
+ECHO_NO_DF = r"""
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((sys.argv[1], 5401))
+u.setsockopt(socket.IPPROTO_IP, 10, 0)  # IP_MTU_DISCOVER = IP_PMTUDISC_DONT: DF=0
+print("ready", flush=True)
+while True:
+    data, peer = u.recvfrom(65535)
+    u.sendto(f"{peer[0]}:{peer[1]}|".encode() + data[::-1], peer)
+"""
+
+# Sends one datagram of each size without DF and checks the reversed echo.
+ASK_NO_DF = r"""
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
+u.setsockopt(socket.IPPROTO_IP, 10, 0)  # IP_PMTUDISC_DONT
+u.bind(("", 40050))
+for size in map(int, sys.argv[2:]):
+    payload = (bytes(range(256)) * 20)[:size]
+    for _ in range(3):
+        u.sendto(payload, (sys.argv[1], 5401))
+        try:
+            seen, _, body = u.recv(65535).partition(b"|")
+            print(size, seen.decode(), body == payload[::-1]); break
+        except TimeoutError:
+            continue
+    else:
+        print(size, "timeout", False)
+"""
+
+# Records the IPv4 packets from the given sources (AF_PACKET on eth0): id, fragment offset, MF, length.
+SNIFF_FRAGMENTS = r"""
+import socket, struct, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800)); s.bind(("eth0", 0))
+s.settimeout(0.5)
+want, end = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+print("ready", flush=True)
+n = 0
+while n < want and time.monotonic() < end:
+    try:
+        pkt, addr = s.recvfrom(65535)
+    except TimeoutError:
+        continue
+    if addr[2] == socket.PACKET_OUTGOING or len(pkt) < 34 or pkt[23] != 17:
+        continue
+    tot, ident, frag = struct.unpack("!HHH", pkt[16:22])
+    src = socket.inet_ntoa(pkt[26:30])
+    if src == sys.argv[3]:
+        continue
+    print(src, ident, (frag & 0x1FFF) * 8, (frag >> 13) & 1, tot, flush=True)
+    n += 1
+"""
+
+
+def test_datagrams_too_big_for_the_outside_link_without_df_are_fragmented(lab: Any,
+                                                                          natd_factory: Any) -> None:
+    """RFC 4787 REQ-13a: gw's outside link has MTU 1280. host1's datagrams without DF, 1400 bytes and 4000
+    bytes (which host1 fragments for its own 1500), are translated and then fragmented by gw's kernel, in
+    order; srv1 receives them reassembled from host1's external endpoint. Its replies, fragmented by inet
+    for the same link, come back translated. Nothing arrives with a private source."""
+    lab.set_link("gw", "out0", mtu=1280)
+    lab.set_link("inet", "gw0", mtu=1280)
+    natd = natd_factory(lab, nat_config())
+    srv1, gw_out = lab.addr("srv1"), lab.addr("gw", "out0")
+    echo = lab.popen("srv1", [sys.executable, "-c", ECHO_NO_DF, srv1], stdout=-1, text=True)
+    assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+    # 1400: 2 fragments; 4000 (host1: 1480 + 1480 + 1048 bytes of payload): 2 + 2 + 1
+    sniff = lab.popen("srv1", [sys.executable, "-c", SNIFF_FRAGMENTS, "7", "20", srv1], stdout=-1, text=True)
+    assert sniff.stdout is not None and sniff.stdout.readline().strip() == "ready"
+    out = lab.exec("host1", [sys.executable, "-c", ASK_NO_DF, srv1, "1400", "4000"], timeout=30).stdout
+    rows = [line.split() for line in out.splitlines()]
+    assert len(rows) == 2 and all(r[2] == "True" for r in rows), out
+    for size, seen, _ in rows:
+        ip, port = seen.split(":")
+        assert ip == gw_out and 20000 <= int(port) <= 29999, f"{size}: srv1 saw {seen}"
+    assert rows[0][1] == rows[1][1]
+    packets = [line.split() for line in sniff.communicate(timeout=30)[0].splitlines()]
+    assert packets and all(p[0] == gw_out for p in packets), f"untranslated packets reached srv1: {packets}"
+    assert all(int(p[4]) <= 1280 for p in packets), packets
+    frags: dict[str, list[tuple[int, int]]] = {}
+    for _src, ident, offset, _mf, _tot in packets:
+        frags.setdefault(ident, []).append((int(offset), int(_mf)))
+    assert len(frags) >= 2, packets
+    first = next(iter(frags.values()))  # the 1400-byte datagram, fragmented by gw alone
+    assert first == sorted(first) and len(first) == 2 and first[-1][1] == 0, f"out of order: {first}"
+    assert (natd.metric("natd_packets_passed_total", reason="fragment_out") or 0) >= 3
+    assert (natd.metric("natd_fragments_translated_total") or 0) >= 2
