@@ -331,7 +331,8 @@ def test_every_quote_length(dp: NatDatapath, proto: str) -> None:
 
 @pytest.mark.parametrize("opts", IP_OPTIONS)
 @pytest.mark.parametrize("quoted", ["tcp-syn-8", "udp", "icmp-echo"])
-def test_error_quoting_ip_options_translated_to_the_inside_host(dp: NatDatapath, quoted: str, opts: str) -> None:
+def test_error_quoting_ip_options_translated_to_the_inside_host(dp: NatDatapath, quoted: str,
+                                                                opts: str) -> None:
     """RFC 5508 REQ-3b (MUST): the quoted packet carries IP options (added on the way: natd never sends
     any). natd traverses them to the quoted transport header, finds the flow, and reverts the quote; the
     options stay as quoted, and the quoted header checksum (which covers them) stays valid."""
@@ -374,7 +375,8 @@ def test_every_quote_length_with_40_bytes_of_options(dp: NatDatapath, proto: str
         if proto == "tcp" and n == 60 + 17:
             expected[76] = quote[76]  # half a checksum: nothing natd could fix, left as quoted
         assert run.retval == XDP_REDIRECT, f"quote of {n} bytes: {d.nonzero()}"
-        assert run.data == expected_in(dp, ICMP(type=3, code=3), bytes(expected), HOST1), f"quote of {n} bytes"
+        want_frame = expected_in(dp, ICMP(type=3, code=3), bytes(expected), HOST1)
+        assert run.data == want_frame, f"quote of {n} bytes"
         assert_error_checksums(run.data, full_quote=n == len(quote))
 
 
