@@ -129,6 +129,8 @@ static __always_inline int hairpin_icmp_error(struct xdp_md *ctx, struct hdr_cur
 	sender = rv ? ct_orig.lookup(&rv->orig) : NULL;
 	if (!rv || !sender)
 		return pass_to_owner(ctx, ip, STAT_PASS_LOCAL);
+	if (icmp_csum_bad(c, icmp))
+		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
 	src = icmp_error_source(ip, &q, target);
 	icmp_quote_rewrite(icmp, &q, &q.ip->daddr, q.dport, target->nat_addr, target->nat_port);
 	icmp_quote_rewrite(icmp, &q, &q.ip->saddr, q.sport, rv->orig.saddr, rv->orig.sport);

@@ -20,6 +20,46 @@ static __always_inline int icmp_is_error(__u8 type)
 	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
 }
 
+/* RFC 5508 REQ-3 (SHOULD): an error whose ICMP checksum does not verify is dropped rather than translated.
+ * The one's complement sum runs over the ICMP message up to the end of the IP datagram, 4 bytes at a time
+ * (RFC 1071: the sum does not depend on the word size or byte order as long as it folds back to 16 bits;
+ * the 2- and 1-byte tail is read the same way, the odd byte padded with zero). The loop is bounded for
+ * the verifier: a message longer than ICMP_CSUM_MAX_WORDS * 4 bytes, more than a router may send (RFC
+ * 1812 §4.3.2.3 keeps the whole error within 576 bytes) and than fits a 1500-byte MTU, is not checked:
+ * its checksum is carried over incrementally as before, still wrong if it was. Only called for errors
+ * natd is about to translate: the rest go to the kernel, which checks for itself, or are dropped. */
+#define ICMP_CSUM_MAX_WORDS 384
+
+static __always_inline int icmp_csum_bad(const struct hdr_cursor *c, const struct icmphdr *icmp)
+{
+	const void *p = icmp;
+	__u64 sum = 0;
+	__u16 tail = 0;
+	int i;
+
+	for (i = 0; i < ICMP_CSUM_MAX_WORDS; i++) {
+		if (p + 4 > c->end || p + 4 > c->limit)
+			break;
+		sum += *(const __u32 *)p;
+		p += 4;
+	}
+	if (i == ICMP_CSUM_MAX_WORDS && p + 1 <= c->end && p + 1 <= c->limit)
+		return 0;
+	if (p + 2 <= c->end && p + 2 <= c->limit) {
+		sum += *(const __u16 *)p;
+		p += 2;
+	}
+	if (p + 1 <= c->end && p + 1 <= c->limit) {
+		*(__u8 *)&tail = *(const __u8 *)p;
+		sum += tail;
+	}
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return sum != 0xffff;
+}
+
 /* The quoted packet inside an ICMP error: its IP header (options included) and the first 8 bytes of L4. */
 struct quoted_pkt {
 	struct iphdr *ip;
@@ -183,6 +223,8 @@ static __always_inline int icmp_error_in(struct xdp_md *ctx, struct hdr_cursor *
 	}
 	if (ip->ttl <= 1)
 		return verdict(ctx, XDP_PASS, STAT_PASS_TTL);
+	if (icmp_csum_bad(c, icmp))
+		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
 	icmp_quote_rewrite(icmp, &q, &q.ip->saddr, q.sport, rv->orig.saddr, rv->orig.sport);
 	icmp_outer_set_addr(ip, &ip->daddr, rv->orig.saddr);
 	stat_count(STAT_ICMP_ERROR_IN, ctx->data_end - ctx->data);
@@ -219,6 +261,8 @@ static __always_inline int icmp_error_out(struct xdp_md *ctx, struct hdr_cursor 
 	 * not lend its public address to an inside node for messages about a flow sent anywhere else. */
 	if (ip->saddr != q.ip->daddr && ip->daddr != q.ip->saddr)
 		return verdict(ctx, XDP_DROP, STAT_DROP_NO_MAPPING);
+	if (icmp_csum_bad(c, icmp))
+		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
 	src = icmp_error_source(ip, &q, e);
 	icmp_quote_rewrite(icmp, &q, &q.ip->daddr, q.dport, e->nat_addr, e->nat_port);
 	icmp_outer_set_addr(ip, &ip->saddr, src);

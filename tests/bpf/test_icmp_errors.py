@@ -395,6 +395,71 @@ def test_host_error_quoting_ip_options_translated_out(dp: NatDatapath, opts: str
     assert d.nonzero() == {"XDP_REDIRECT": 1, "ICMP_ERROR_OUT": 1}
 
 
+# ============================================================ ICMP checksum (RFC 5508 REQ-3, SHOULD)
+
+
+def _corrupt(frame: bytes, how: str) -> bytes:
+    """The frame with its ICMP message made wrong: the checksum field, or the message's last byte."""
+    raw = bytearray(frame)
+    at = 14 + 20 + 2 if how == "checksum-field" else 14 + struct.unpack("!H", frame[16:18])[0] - 1
+    raw[at] ^= 0x5A
+    return bytes(raw)
+
+
+def _error_frames(dp: NatDatapath, where: str, n: int) -> bytes:
+    """A valid error natd would translate, quoting n bytes (so the ICMP message is 8 + n bytes long)."""
+    if where == "in":
+        sent = send_out(dp, UDP(sport=5353, dport=53) / (b"q" * 40))
+        return router_error(dp, ICMP(type=11, code=0), sent.out_ip[:n], GW_OUT)
+    _, got, _ = _udp_reply_to_host(dp)
+    got = got + bytes(40)  # room for longer quotes (trailing bytes after the quoted datagram)
+    src = HOST1 if where == "out-host" else "10.0.1.254"
+    return host_error(dp, ICMP(type=3, code=3), got[14:14 + n], src=src)
+
+
+@pytest.mark.parametrize("n", [28, 33, 34, 35, 36], ids=lambda n: f"quote-{n}")
+@pytest.mark.parametrize("how", ["checksum-field", "last-byte"])
+@pytest.mark.parametrize("where", ["in", "out-host", "out-router"])
+def test_error_with_a_bad_icmp_checksum_dropped(dp: NatDatapath, where: str, how: str, n: int) -> None:
+    """RFC 5508 REQ-3 (SHOULD): an error about a mapped flow whose ICMP checksum does not verify is dropped
+    (counted as malformed), untouched, in both directions. The quote lengths give ICMP messages whose
+    length leaves 0, 1, 2 and 3 bytes after the last 4-byte word; the same errors with a valid checksum
+    are translated (test_every_quote_length covers every length)."""
+    good = _error_frames(dp, where, n)
+    run = (dp.outside if where == "in" else dp.inside)(good)
+    assert run.retval == XDP_REDIRECT, "the valid error must be translated"
+    bad = _corrupt(good, how)
+    flows = {k.to_bytes(): e.to_bytes() for k, e in dp.flows()}
+    with dp.counting() as d:
+        run = (dp.outside if where == "in" else dp.inside)(bad)
+    assert_untouched(run, bad, XDP_DROP)
+    assert d.nonzero() == {"XDP_DROP": 1, "DROP_MALFORMED": 1}
+    assert {k.to_bytes(): e.to_bytes() for k, e in dp.flows()} == flows
+
+
+@pytest.mark.parametrize("bad", [False, True], ids=["valid", "bad-checksum"])
+def test_error_longer_than_the_checksum_bound_translated_unverified(dp: NatDatapath, bad: bool) -> None:
+    """The checksum is verified over at most 1536 bytes of ICMP message (a router's error is at most 576
+    bytes, RFC 1812 §4.3.2.3). A longer one is translated unverified: its checksum is carried over
+    incrementally, so a wrong one arrives exactly as wrong (the inside host drops it)."""
+    sent = send_out(dp, UDP(sport=5353, dport=53) / b"query")
+    quote = sent.out_ip + bytes(2000)  # trailing bytes past the quoted datagram
+    frame = router_error(dp, ICMP(type=11, code=0), quote, GW_OUT)
+    if bad:
+        frame = _corrupt(frame, "checksum-field")
+    with dp.counting() as d:
+        run = dp.outside(frame)
+    # translated, then too big for in1's MTU: the kernel gets it (and would send Fragmentation Needed)
+    assert run.retval == XDP_PASS
+    assert d.nonzero() == {"XDP_PASS": 1, "ICMP_ERROR_IN": 1, "PASS_FIB_OTHER": 1}
+    want = bytes(eth_out(dp) / IP(src=ROUTER, dst=HOST1, ttl=ERR_TTL, id=ERR_ID) / ICMP(type=11, code=0)
+                 / Raw(with_ttl(sent.ip, IP(sent.out_ip).ttl) + bytes(2000)))
+    assert run.data[:36] + run.data[38:] == want[:36] + want[38:]
+    # the ICMP checksum is as valid as it came in: the message sums to the same value, 0 when it was valid
+    assert checksum(run.data[34:]) == checksum(frame[34:])
+    assert (checksum(run.data[34:]) != 0) == bad
+
+
 # ====================================================================== inbound: not translated
 
 

@@ -219,6 +219,19 @@ def test_error_to_an_external_address_about_no_hairpinned_flow_is_the_gateways(d
     assert d.nonzero() == {"XDP_DROP": 1, "DROP_MALFORMED": 1}
 
 
+def test_hairpinned_error_with_a_bad_icmp_checksum_dropped(dp: NatDatapath) -> None:
+    """RFC 5508 REQ-3 (SHOULD) on the hairpin path: a hairpinned error whose ICMP checksum does not verify
+    is dropped (malformed), untouched."""
+    _sent, got = _hairpin(dp, HOST1, STATIC_OUTSIDE, UDP(sport=5353, dport=7000) / b"hello")
+    raw = bytearray(from_inside(dp, STATIC_INSIDE, GW_OUT, ICMP(type=3, code=3) / Raw(got[14:])))
+    raw[14 + 20 + 2] ^= 0x5A
+    frame = bytes(raw)
+    with dp.counting() as d:
+        run = dp.inside(frame)
+    assert_untouched(run, frame, XDP_DROP)
+    assert d.nonzero() == {"XDP_DROP": 1, "DROP_MALFORMED": 1}
+
+
 def test_hairpinned_error_with_quoted_ip_options(dp: NatDatapath) -> None:
     """RFC 5508 REQ-3b on the hairpin path: the quote's options are traversed there too."""
     from .test_icmp_errors import IP_OPTIONS, with_options
