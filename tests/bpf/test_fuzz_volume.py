@@ -227,6 +227,8 @@ class FrameGen:
         self.eth_out = eth(mac["out0"], mac["inet"])
         self.model = model
         self.mappings: collections.deque[Mapping] = collections.deque(maxlen=512)
+        # IP packets as hairpin targets got them (harvested from translated hairpin frames)
+        self.hairpins: collections.deque[bytes] = collections.deque(maxlen=256)
         ext = list(model.ext)
         nat_ports = sorted({p for lo, hi in model.ext.values() if lo <= hi for p in (lo, hi, lo + 1, hi - 1)})
         fwd_ports = sorted({p for (_a, p, _pr) in model.forwards})
@@ -244,7 +246,8 @@ class FrameGen:
         self.ext = ext
         self._sweep: Iterator[tuple[str, bytes, str]] | None = None
         # per frame; truncation sweeps (every offset of one frame) make up TRUNC_SHARE of all frames
-        kinds = {"in-l4": 25, "out-reply": 22, "out-rand": 12, "hairpin": 5, "icmp-err": 14, "icmp-any": 8,
+        kinds = {"in-l4": 25, "out-reply": 22, "out-rand": 12, "hairpin": 5, "hairpin-icmp": 3,
+                 "icmp-err": 14, "icmp-any": 8,
                  "frags": 2, "vlan": 5, "ipv6": 2, "arp": 1, "garbage": 6}
         self.kinds = [k for k, w in kinds.items() for _ in range(w)]
         self.total = self.swept = 0
@@ -331,6 +334,28 @@ class FrameGen:
         else:
             dst, dport = r.choice(self.ext), self.port()
         return self.eth_in + self.packet(src, dst, proto, self.port(), dport, 8)
+
+    def hairpin_icmp(self) -> bytes:
+        """A hairpin target answering what it got: an echo reply, or an ICMP error quoting it (from the
+        target, or now and then from another inside node, RFC 5508 REQ-5c)."""
+        r = self.r
+        if not self.hairpins:
+            return self.hairpin()
+        got = r.choice(self.hairpins)
+        src, dst = got[16:20], got[12:16]
+        if got[9] == ICMP_P and got[20] == 8:
+            body = icmp_msg(0, 0, got[24:28], got[28:])
+        else:
+            if r.random() < 0.2:
+                src = r.choice(self.inside_src)
+            opts = r.choice(OPTIONS) if r.random() < 0.1 else b""
+            quote = got
+            if opts:  # added on the way (RFC 5508 REQ-3b)
+                quote = ip_hdr(got[12:16], got[16:20], got[9], len(got) - 20, ttl=got[8],
+                               ident=got[4] << 8 | got[5], opts=opts) + got[20:]
+            quote = quote[:r.choice((28 + len(opts), 48, len(quote), r.randrange(len(quote) + 1)))]
+            body = icmp_msg(r.choice(ICMP_ERRORS), r.choice((0, 1, 3, 4, 13)), bytes(4), quote)
+        return self.eth_in + ip_hdr(src, dst, ICMP_P, len(body), ttl=r.choice((64, 64, 64, 1))) + body
 
     def quoted(self, inside: bool) -> bytes:
         """The packet an ICMP error quotes: of a known flow as the error's sender saw it, or random."""
@@ -515,6 +540,8 @@ class FrameGen:
                 yield "outside", self.maybe_mutate(self.outside_rand(), 0.2), kind
             elif kind == "hairpin":
                 yield "inside", self.maybe_mutate(self.hairpin(), 0.2), kind
+            elif kind == "hairpin-icmp":
+                yield "inside", self.maybe_mutate(self.hairpin_icmp(), 0.2), kind
             elif kind == "icmp-err":
                 entry, frame = self.icmp_error()
                 yield entry, self.maybe_mutate(frame, 0.25), kind
@@ -721,6 +748,9 @@ class Checker:
         if proto == ICMP_P and frame[34] in ICMP_ERRORS:
             self.check_icmp_error(entry, frame, out, tot, new)
             return
+        if entry == "inside" and proto == ICMP_P and frame[30:34] in self.model.ext:
+            self.check_hairpin_echo(frame, out, tot, new)
+            return
         echo = 8 if entry == "inside" else 0
         if not l4_ok(frame, tot, echo):
             raise Violation("rewrote a frame without a well-formed TCP/UDP/ICMP-echo header")
@@ -741,6 +771,7 @@ class Checker:
                     raise Violation("hairpin: the destination is not the inside end of the target's flow")
                 allowed |= {30, 31, 32, 33} | DPORT[proto]
                 kind = "hairpin"
+                self.gen.hairpins.append(out[14:14 + tot])
             else:
                 if out[30:34] != dst or (proto != ICMP_P and odport != dport):
                     raise Violation("the destination of an outbound frame changed")
@@ -772,6 +803,44 @@ class Checker:
         if more_fragments(frame):  # a first fragment: its later fragments follow it
             self.frags[fkey] = out[26:30] if entry == "inside" else out[30:34]
             self.seen[f"{kind} first fragment"] += 1
+
+    def check_hairpin_echo(self, frame: bytes, out: bytes, tot: int, new: int) -> None:
+        """RFC 5508 REQ-7: an echo request to a static address goes out through the sender's session and in
+        to the static host; the static host's echo reply goes out from its static address and in through
+        the sender's session. Nothing else ICMP (not an error) to an external address is translated."""
+        if not l4_ok(frame, tot, 8) and not l4_ok(frame, tot, 0):
+            raise Violation("hairpin: rewrote an ICMP frame that is neither a well-formed echo nor an error")
+        self.check_checksums(frame, out, tot, ICMP_P)
+        src, dst = frame[26:30], frame[30:34]
+        ident, oident = ports(frame)[0], ports(out)[0]
+        if frame[34] == 8:
+            if dst not in self.model.static_in:
+                raise Violation("hairpin: an echo to an external address without a static mapping translated")
+            if not self.model.translated_source(src):
+                raise Violation("hairpin: translated an echo from a source that is in no snat rule")
+            nat, nport = self.orig_nat(ct_key(src, dst, ident, 0, ICMP_P))
+            if (out[26:30], oident, out[30:34]) != (nat, nport, self.model.static_in[dst]):
+                raise Violation("hairpin echo: not the sender's session out and the static host in")
+            if new and src not in self.model.static_out:
+                self.check_new_mapping(src, ident, nat, nport, ICMP_P)
+            what = "echo"
+        else:
+            if new:
+                raise Violation("hairpin: an echo reply opened a flow")
+            self_ext = self.model.static_out.get(src)
+            if self_ext is None:
+                raise Violation("hairpin: an echo reply from a host without a static mapping translated")
+            inside, iport = self.reply_orig(ct_key(self_ext, dst, 0, ident, ICMP_P))
+            if (out[26:30], out[30:34], oident) != (self_ext, inside, iport):
+                raise Violation("hairpin echo reply: not from the static address to the session's sender")
+            what = "echo reply"
+        allowed = L2_L3 | set(range(26, 34)) | SPORT[ICMP_P] | L4CS[ICMP_P]
+        if not changed(frame, out) <= allowed:
+            raise Violation(f"hairpin {what}: changed bytes outside the NAT fields: "
+                            f"{sorted(changed(frame, out) - allowed)}")
+        if what == "echo":
+            self.gen.hairpins.append(out[14:14 + tot])
+        self.seen[f"hairpin icmp {what}"] += 1
 
     def check_later_fragment(self, entry: str, frame: bytes, out: bytes, fkey: bytes, new: int) -> None:
         """A fragment without L4 header: only the address its first fragment got may change."""
@@ -834,11 +903,13 @@ class Checker:
         if new:
             raise Violation("an ICMP error opened a flow")
         q = 42  # the quoted IP header (the outer one has no options, ICMP header is 8 bytes)
-        if tot < 48 or frame[q] != 0x45:
-            raise Violation("translated an ICMP error without a quoted IPv4 header and 8 bytes of it")
+        qhl = (frame[q] & 0xF) * 4 if tot >= 29 else 0
+        if frame[q] >> 4 != 4 or qhl < 20 or tot < 28 + qhl + 8:
+            raise Violation("translated an ICMP error without a quoted IPv4 header (options included, RFC "
+                            "5508 REQ-3b) and 8 bytes of L4 after it")
         qproto = frame[q + 9]
         qs, qd = frame[q + 12:q + 16], frame[q + 16:q + 20]
-        ql4 = q + 20
+        ql4 = q + qhl
         if qproto == ICMP_P:
             qsport = qdport = (frame[ql4 + 4] << 8) | frame[ql4 + 5]
         else:
@@ -849,16 +920,31 @@ class Checker:
             raise Violation("translated an ICMP error quoting a protocol natd does not map")
         qcs = {TCP_P: 16, UDP_P: 6, ICMP_P: 2}[qproto]
         allowed = L2_L3 | {36, 37, q + 10, q + 11} | {ql4 + qcs, ql4 + qcs + 1}
+        kind = "out" if entry == "inside" else "in"
         if entry == "inside":
-            if frame[26:30] != qd:
-                raise Violation("inside ICMP error: the sender is not the quoted packet's destination")
             if qproto == ICMP_P:
                 raise Violation("inside ICMP error quoting ICMP was translated (natd maps no inbound echo)")
+            hairpin = frame[30:34] in self.model.ext
+            if frame[26:30] != qd and frame[30:34] != qs:
+                raise Violation("inside ICMP error from a third party not addressed to the quoted source")
             nat, nport = self.orig_nat(ct_key(qd, qs, qdport, qsport, qproto))
+            public = nat if frame[26:30] == qd else self.model.static_out.get(frame[26:30], nat)
             oq_port = (out[ql4 + 2] << 8) | out[ql4 + 3]
-            if (out[26:30], out[q + 16:q + 20], oq_port) != (nat, nat, nport):
-                raise Violation("inside ICMP error not translated to the flow's external endpoint")
+            if (out[26:30], out[q + 16:q + 20], oq_port) != (public, nat, nport):
+                raise Violation("inside ICMP error not translated to the flow's external endpoint (source: "
+                                "RFC 5508 REQ-5c)")
             allowed |= {26, 27, 28, 29} | set(range(q + 16, q + 20)) | {ql4 + 2, ql4 + 3}
+            if hairpin:  # REQ-7a: then in through the sender's flow, to the sender
+                if frame[30:34] != qs:
+                    raise Violation("hairpinned ICMP error not addressed to the quoted source")
+                inside, iport = self.reply_orig(ct_key(nat, qs, nport, qsport, qproto))
+                oq_sport = (out[ql4] << 8) | out[ql4 + 1]
+                if (out[30:34], out[q + 12:q + 16], oq_sport) != (inside, inside, iport):
+                    raise Violation("hairpinned ICMP error not translated to the sender's inside endpoint")
+                allowed |= {30, 31, 32, 33} | set(range(q + 12, q + 16)) | {ql4, ql4 + 1}
+                kind = "hairpin"
+            elif frame[26:30] != qd:
+                kind = "out third-party"
         else:
             if frame[30:34] != qs or qs not in self.model.ext:
                 raise Violation("outside ICMP error: not sent to the quoted packet's (external) source")
@@ -875,10 +961,10 @@ class Checker:
             raise Violation("ICMP error: outer IP checksum")
         if osum(frame[34:14 + tot]) != osum(out[34:14 + tot]):
             raise Violation("ICMP error: ICMP checksum not updated in step")
-        if osum(frame[q:q + 20]) != osum(out[q:q + 20]):
+        if osum(frame[q:q + qhl]) != osum(out[q:q + qhl]):
             raise Violation("ICMP error: quoted IP header checksum")
         have = 14 + tot - ql4
-        if qtot == 20 + have and not (qproto == UDP_P and frame[ql4 + 6:ql4 + 8] == b"\x00\x00"):
+        if qtot == qhl + have and not (qproto == UDP_P and frame[ql4 + 6:ql4 + 8] == b"\x00\x00"):
             # the whole quoted datagram is there: its own L4 checksum must stay as valid as it was
             def qsum(f: bytes) -> int:
                 seg = f[ql4:14 + tot]
@@ -888,7 +974,9 @@ class Checker:
             if qsum(frame) != qsum(out):
                 raise Violation("ICMP error: the quoted L4 checksum")
             self.seen["icmp-error full quote verified"] += 1
-        self.seen[f"icmp-error {'out' if entry == 'inside' else 'in'}"] += 1
+        self.seen[f"icmp-error {kind}"] += 1
+        if qhl > 20:
+            self.seen["icmp-error quoted options"] += 1
 
 
 # ============================================================================ the test
@@ -967,6 +1055,7 @@ def test_fuzz_volume_frames(natd_dp: NatDatapath) -> None:
             if n_orig > CT_MAX // 2:  # keep room; the harvested mappings are gone with the flows
                 dp.clear_flows()
                 gen.mappings.clear()
+                gen.hairpins.clear()
                 clears += 1
                 done += seed_flows(dp, gen, checker, fds, ifidx)
                 n_orig, n_reply = checker.count()
@@ -986,7 +1075,8 @@ def test_fuzz_volume_frames(natd_dp: NatDatapath) -> None:
             "dnat first fragment", "inside later fragment", "outside later fragment",
             "inside unchanged", "outside unchanged", "inside redirect", "outside redirect"]
     if hasattr(Stat, "HAIRPIN"):
-        must.append("hairpin tcp")
+        must += ["hairpin tcp", "hairpin icmp echo", "hairpin icmp echo reply", "icmp-error hairpin"]
+    must += ["icmp-error out third-party", "icmp-error quoted options"]
     missing = [m for m in must if not seen.get(m)]
     assert not missing, f"never happened: {missing}; outcomes {seen}"
     for reason in ("drop_malformed", "drop_no_mapping", "drop_to_private", "drop_spoofed_inside",

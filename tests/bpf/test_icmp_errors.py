@@ -130,7 +130,7 @@ def assert_error_checksums(frame: bytes, full_quote: bool) -> None:
     assert pkt[IP].chksum == rebuilt[IP].chksum, "outer IP header checksum"
     assert pkt[ICMP].chksum == rebuilt[ICMP].chksum, "ICMP checksum"
     quote = quoted_of(frame)
-    assert checksum(quote[:20]) == 0, "quoted IP header checksum"
+    assert checksum(quote[:(quote[0] & 0xF) * 4]) == 0, "quoted IP header checksum (options included)"
     if not full_quote:
         return
     inner = IP(quote)
@@ -156,6 +156,26 @@ ERRORS: dict[str, Callable[[], Packet]] = {
     "port-unreachable": lambda: ICMP(type=3, code=3),
     "frag-needed": lambda: ICMP(type=3, code=4, nexthopmtu=1400),
     "param-problem": lambda: ICMP(type=12, code=0, ptr=8),
+}
+
+
+def with_options(ip: bytes, opts: bytes) -> bytes:
+    """The IP packet with `opts` (a multiple of 4 bytes) inserted after its 20-byte header, and IHL, total
+    length and header checksum set to match. The L4 checksum does not cover IP options."""
+    raw = bytearray(ip[:20] + opts + ip[20:])
+    raw[0] = 0x40 | (5 + len(opts) // 4)
+    raw[2:4] = struct.pack("!H", len(raw))
+    raw[10:12] = b"\x00\x00"
+    raw[10:12] = struct.pack("!H", checksum(bytes(raw[:20 + len(opts)])))
+    return bytes(raw)
+
+
+# IP options a router on the way might have added to the packet it quotes (RFC 5508 REQ-3b).
+IP_OPTIONS: dict[str, bytes] = {
+    "nop-eol-4": b"\x01\x01\x01\x00",
+    "router-alert-4": b"\x94\x04\x00\x00",
+    "record-route-12": b"\x07\x0b\x04" + bytes(8) + b"\x00",
+    "nop-40": b"\x01" * 39 + b"\x00",  # IHL 15, the longest header there is
 }
 
 
@@ -306,6 +326,140 @@ def test_every_quote_length(dp: NatDatapath, proto: str) -> None:
     assert sent.entry(dp).to_bytes() == before
 
 
+# ================================================================ quoted IP options (RFC 5508 REQ-3b)
+
+
+@pytest.mark.parametrize("opts", IP_OPTIONS)
+@pytest.mark.parametrize("quoted", ["tcp-syn-8", "udp", "icmp-echo"])
+def test_error_quoting_ip_options_translated_to_the_inside_host(dp: NatDatapath, quoted: str,
+                                                                opts: str) -> None:
+    """RFC 5508 REQ-3b (MUST): the quoted packet carries IP options (added on the way: natd never sends
+    any). natd traverses them to the quoted transport header, finds the flow, and reverts the quote; the
+    options stay as quoted, and the quoted header checksum (which covers them) stays valid."""
+    make_l4, l4_bytes = QUOTED[quoted]
+    sent = send_out(dp, make_l4())
+    before = sent.entry(dp).to_bytes()
+    quote = with_options(sent.out_ip, IP_OPTIONS[opts])
+    n = len(quote) if l4_bytes is None else 20 + len(IP_OPTIONS[opts]) + l4_bytes
+    frame = router_error(dp, ICMP(type=11, code=0), quote[:n], GW_OUT)
+    with dp.counting() as d:
+        run = dp.outside(frame)
+    assert run.retval == XDP_REDIRECT, d.nonzero()
+    want = with_options(with_ttl(sent.ip, IP(sent.out_ip).ttl), IP_OPTIONS[opts])[:n]
+    assert run.data == expected_in(dp, ICMP(type=11, code=0), want, HOST1), _diff(run, frame)
+    assert_error_checksums(run.data, full_quote=l4_bytes is None)
+    assert d.nonzero() == {"XDP_REDIRECT": 1, "ICMP_ERROR_IN": 1}
+    assert sent.entry(dp).to_bytes() == before
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_every_quote_length_with_40_bytes_of_options(dp: NatDatapath, proto: str) -> None:
+    """RFC 5508 REQ-3b, bounds: with IHL 15 the transport header starts 60 bytes into the quote. A quote
+    that ends before 8 bytes of it is malformed (dropped, counted, untouched); from there on the error is
+    translated."""
+    l4: Packet = {"tcp": TCP(sport=40000, dport=80, flags="S") / b"0123456789",
+                  "udp": UDP(sport=5353, dport=53) / b"query"}[proto]
+    sent = send_out(dp, l4)
+    opts = IP_OPTIONS["nop-40"]
+    quote = with_options(sent.out_ip, opts)
+    want = with_options(with_ttl(sent.ip, IP(sent.out_ip).ttl), opts)
+    for n in range(len(quote) + 1):
+        frame = router_error(dp, ICMP(type=3, code=3), quote[:n], GW_OUT)
+        with dp.counting() as d:
+            run = dp.outside(frame)
+        if n < 60 + 8:
+            assert_untouched(run, frame, XDP_DROP)
+            assert d.nonzero() == {"XDP_DROP": 1, "DROP_MALFORMED": 1}, f"quote of {n} bytes"
+            continue
+        expected = bytearray(want[:n])
+        if proto == "tcp" and n == 60 + 17:
+            expected[76] = quote[76]  # half a checksum: nothing natd could fix, left as quoted
+        assert run.retval == XDP_REDIRECT, f"quote of {n} bytes: {d.nonzero()}"
+        want_frame = expected_in(dp, ICMP(type=3, code=3), bytes(expected), HOST1)
+        assert run.data == want_frame, f"quote of {n} bytes"
+        assert_error_checksums(run.data, full_quote=n == len(quote))
+
+
+@pytest.mark.parametrize("opts", ["router-alert-4", "nop-40"])
+def test_host_error_quoting_ip_options_translated_out(dp: NatDatapath, opts: str) -> None:
+    """RFC 5508 REQ-3b, outbound: an inside host's error quotes a packet with IP options; the quoted
+    destination is translated behind the options and the error leaves from the external address."""
+    reply, got, _ = _udp_reply_to_host(dp)
+    frame = host_error(dp, ICMP(type=3, code=3), with_options(got[14:], IP_OPTIONS[opts]))
+    with dp.counting() as d:
+        run = dp.inside(frame)
+    assert run.retval == XDP_REDIRECT, d.nonzero()
+    want = with_options(with_ttl(reply[14:], 56), IP_OPTIONS[opts])
+    assert run.data == expected_out(dp, ICMP(type=3, code=3), want), _diff(run, frame)
+    assert_error_checksums(run.data, full_quote=True)
+    assert d.nonzero() == {"XDP_REDIRECT": 1, "ICMP_ERROR_OUT": 1}
+
+
+# ============================================================ ICMP checksum (RFC 5508 REQ-3, SHOULD)
+
+
+def _corrupt(frame: bytes, how: str) -> bytes:
+    """The frame with its ICMP message made wrong: the checksum field, or the message's last byte."""
+    raw = bytearray(frame)
+    at = 14 + 20 + 2 if how == "checksum-field" else 14 + struct.unpack("!H", frame[16:18])[0] - 1
+    raw[at] ^= 0x5A
+    return bytes(raw)
+
+
+def _error_frames(dp: NatDatapath, where: str, n: int) -> bytes:
+    """A valid error natd would translate, quoting n bytes (so the ICMP message is 8 + n bytes long)."""
+    if where == "in":
+        sent = send_out(dp, UDP(sport=5353, dport=53) / (b"q" * 40))
+        return router_error(dp, ICMP(type=11, code=0), sent.out_ip[:n], GW_OUT)
+    _, got, _ = _udp_reply_to_host(dp)
+    got = got + bytes(40)  # room for longer quotes (trailing bytes after the quoted datagram)
+    src = HOST1 if where == "out-host" else "10.0.1.254"
+    return host_error(dp, ICMP(type=3, code=3), got[14:14 + n], src=src)
+
+
+@pytest.mark.parametrize("n", [28, 33, 34, 35, 36], ids=lambda n: f"quote-{n}")
+@pytest.mark.parametrize("how", ["checksum-field", "last-byte"])
+@pytest.mark.parametrize("where", ["in", "out-host", "out-router"])
+def test_error_with_a_bad_icmp_checksum_dropped(dp: NatDatapath, where: str, how: str, n: int) -> None:
+    """RFC 5508 REQ-3 (SHOULD): an error about a mapped flow whose ICMP checksum does not verify is dropped
+    (counted as malformed), untouched, in both directions. The quote lengths give ICMP messages whose
+    length leaves 0, 1, 2 and 3 bytes after the last 4-byte word; the same errors with a valid checksum
+    are translated (test_every_quote_length covers every length)."""
+    good = _error_frames(dp, where, n)
+    run = (dp.outside if where == "in" else dp.inside)(good)
+    assert run.retval == XDP_REDIRECT, "the valid error must be translated"
+    bad = _corrupt(good, how)
+    flows = {k.to_bytes(): e.to_bytes() for k, e in dp.flows()}
+    with dp.counting() as d:
+        run = (dp.outside if where == "in" else dp.inside)(bad)
+    assert_untouched(run, bad, XDP_DROP)
+    assert d.nonzero() == {"XDP_DROP": 1, "DROP_MALFORMED": 1}
+    assert {k.to_bytes(): e.to_bytes() for k, e in dp.flows()} == flows
+
+
+@pytest.mark.parametrize("bad", [False, True], ids=["valid", "bad-checksum"])
+def test_error_longer_than_the_checksum_bound_translated_unverified(dp: NatDatapath, bad: bool) -> None:
+    """The checksum is verified over at most 1536 bytes of ICMP message (a router's error is at most 576
+    bytes, RFC 1812 §4.3.2.3). A longer one is translated unverified: its checksum is carried over
+    incrementally, so a wrong one arrives exactly as wrong (the inside host drops it)."""
+    sent = send_out(dp, UDP(sport=5353, dport=53) / b"query")
+    quote = sent.out_ip + bytes(2000)  # trailing bytes past the quoted datagram
+    frame = router_error(dp, ICMP(type=11, code=0), quote, GW_OUT)
+    if bad:
+        frame = _corrupt(frame, "checksum-field")
+    with dp.counting() as d:
+        run = dp.outside(frame)
+    # translated, then too big for in1's MTU: the kernel gets it (and would send Fragmentation Needed)
+    assert run.retval == XDP_PASS
+    assert d.nonzero() == {"XDP_PASS": 1, "ICMP_ERROR_IN": 1, "PASS_FIB_OTHER": 1}
+    want = bytes(eth_out(dp) / IP(src=ROUTER, dst=HOST1, ttl=ERR_TTL, id=ERR_ID) / ICMP(type=11, code=0)
+                 / Raw(with_ttl(sent.ip, IP(sent.out_ip).ttl) + bytes(2000)))
+    assert run.data[:36] + run.data[38:] == want[:36] + want[38:]
+    # the ICMP checksum is as valid as it came in: the message sums to the same value, 0 when it was valid
+    assert checksum(run.data[34:]) == checksum(frame[34:])
+    assert (checksum(run.data[34:]) != 0) == bad
+
+
 # ====================================================================== inbound: not translated
 
 
@@ -418,10 +572,12 @@ def _mangled(ip: bytes, **fields: int) -> bytes:
     return bytes(raw)
 
 
-@pytest.mark.parametrize("case", ["ihl6", "version6", "ihl4"])
+@pytest.mark.parametrize("case", ["ihl15-past-the-quote", "version6", "ihl4"])
 def test_quoted_header_natd_never_sends_is_malformed(dp: NatDatapath, case: str) -> None:
+    """RFC 5508 REQ-3b traverses options only within the quote: a header whose IHL puts the transport
+    header past the 33 quoted bytes, an IPv6 version or an IHL below 5 is malformed: dropped, counted."""
     sent = send_out(dp, UDP(sport=5353, dport=53) / b"query")
-    first = {"ihl6": 0x46, "version6": 0x65, "ihl4": 0x44}[case]
+    first = {"ihl15-past-the-quote": 0x4F, "version6": 0x65, "ihl4": 0x44}[case]
     frame = router_error(dp, ICMP(type=11, code=0), _mangled(sent.out_ip, first=first), GW_OUT)
     with dp.counting() as d:
         run = dp.outside(frame)
@@ -547,24 +703,81 @@ def test_forward_server_error_translated_out(dp: NatDatapath) -> None:
     assert d[Stat.ICMP_ERROR_OUT] == 1
 
 
-@pytest.mark.parametrize("case", ["no-flow", "other-host's-flow", "other-remote-port"])
+@pytest.mark.parametrize("case", ["no-flow", "other-remote-port", "third-party-error-sent-elsewhere"])
 def test_host_error_without_mapping_dropped(dp: NatDatapath, case: str) -> None:
-    """Never leaked with a private address: an error natd cannot attribute to the sender's own flow."""
+    """RFC 5508 REQ-5 (SHOULD drop without a mapping): never leaked with a private address. An error
+    about no flow, or an inside node's error about another host's flow that is not addressed to the quoted
+    packet's source (natd does not lend its public address for that), is dropped."""
     _udp_reply_to_host(dp, src="10.0.1.43", sport=5353)
     _udp_reply_to_host(dp)
+    dst = SRV
     if case == "no-flow":
         quote = bytes(IP(src=SRV, dst=HOST1, ttl=56) / UDP(sport=53, dport=5354) / b"answer")
-    elif case == "other-host's-flow":
+    elif case == "third-party-error-sent-elsewhere":
         quote = bytes(IP(src=SRV, dst="10.0.1.43", ttl=56) / UDP(sport=53, dport=5353) / b"answer")
+        dst = SRV2
     else:
         quote = bytes(IP(src=SRV, dst=HOST1, ttl=56) / UDP(sport=54, dport=5353) / b"answer")
-    frame = host_error(dp, ICMP(type=3, code=3), quote)
+    frame = host_error(dp, ICMP(type=3, code=3), quote, dst=dst)
     flows = {k.to_bytes(): e.to_bytes() for k, e in dp.flows()}
     with dp.counting() as d:
         run = dp.inside(frame)
     assert_untouched(run, frame, XDP_DROP)
     assert d.nonzero() == {"XDP_DROP": 1, "DROP_NO_MAPPING": 1}
     assert {k.to_bytes(): e.to_bytes() for k, e in dp.flows()} == flows
+
+
+# ===================================================== errors from other inside nodes (RFC 5508 REQ-5c)
+
+ROUTER_IN = "10.0.1.254"  # an inside router between the gateway and the hosts behind it, no static mapping
+
+
+@pytest.mark.parametrize("error", ["time-exceeded", "frag-needed", "port-unreachable"])
+@pytest.mark.parametrize("host,router,public", [
+    pytest.param(HOST1, ROUTER_IN, None, id="router-without-static"),
+    pytest.param("10.1.7.7", ROUTER_IN, None, id="router-without-static-pool-flow"),
+    pytest.param(HOST1, STATIC_INSIDE, STATIC_OUTSIDE, id="router-with-static"),
+    pytest.param(HOST1, "10.0.1.43", None, id="another-host"),
+])
+def test_inside_router_error_translated_out(dp: NatDatapath, host: str, router: str, public: str | None,
+                                            error: str) -> None:
+    """RFC 5508 REQ-5 (a, b, c): an inside node other than the flow's host (a router between the gateway
+    and the host) sends an error about a packet that came in from the internet. The quote is reverted to
+    what the remote sent (a), type and code are kept (b), and the outer source becomes public (c): the
+    sender's own static 1:1 address when it has one (Basic NAT), else the flow's external address (a pool
+    address for the pool flow). All checksums valid; the flow unchanged."""
+    reply, got, port = _udp_reply_to_host(dp, src=host, sport=5353)
+    ext = IP(reply[14:]).dst
+    entry = flow(dp, host, SRV, 5353, 53, UDP_P)
+    before = entry.to_bytes()
+    frame = host_error(dp, ERRORS[error](), got[14:], src=router)
+    with dp.counting() as d:
+        run = dp.inside(frame)
+    assert run.retval == XDP_REDIRECT, d.nonzero()
+    want_quote = with_ttl(reply[14:], 56)
+    assert run.data == expected_out(dp, ERRORS[error](), want_quote, src=public or ext), _diff(run, frame)
+    assert_error_checksums(run.data, full_quote=True)
+    assert d.nonzero() == {"XDP_REDIRECT": 1, "ICMP_ERROR_OUT": 1}
+    assert flow(dp, host, SRV, 5353, 53, UDP_P).to_bytes() == before
+    assert (IP(quoted_of(run.data)).dst, struct.unpack("!H", quoted_of(run.data)[22:24])[0]) == (ext, port)
+
+
+def test_inside_router_error_quoting_8_bytes_of_tcp_translated_out(dp: NatDatapath) -> None:
+    """RFC 5508 REQ-5c with a TCP quote of IP header + 8 bytes (RFC 792's minimum) from an inside router:
+    the server behind the port forward GW_OUT:443 answers a client; a router in front of it reports
+    the client's SYN as timed out."""
+    client = (SRV2, 52000)
+    syn_in = bytes(eth_out(dp) / IP(src=client[0], dst=GW_OUT, ttl=57, id=0x7777)
+                   / TCP(sport=client[1], dport=443, flags="S", seq=1))
+    run = dp.outside(syn_in)
+    assert run.retval == XDP_REDIRECT
+    frame = host_error(dp, ICMP(type=11, code=0), run.data[14:14 + 28], src=ROUTER_IN, dst=client[0])
+    with dp.counting() as d:
+        out = dp.inside(frame)
+    assert out.retval == XDP_REDIRECT
+    assert out.data == expected_out(dp, ICMP(type=11, code=0), with_ttl(syn_in[14:], 56)[:28], dst=client[0])
+    assert_error_checksums(out.data, full_quote=False)
+    assert d.nonzero() == {"XDP_REDIRECT": 1, "ICMP_ERROR_OUT": 1}
 
 
 @pytest.mark.parametrize("n", [0, 19, 20, 27])
