@@ -108,12 +108,8 @@ int xdp_inside(struct xdp_md *ctx)
 	key.sport = *f.sport;
 	key.dport = ip->protocol == IPPROTO_ICMP ? 0 : *f.dport;
 	key.proto = ip->protocol;
-	if (nat_out_flow(&key, &f, &e, &reason) < 0) {
-		/* RFC 5508 REQ-8: no session could be made; tell the host rather than let it time out */
-		if (refusal_is_resources(reason))
-			return icmp_refuse(ctx, reason);
-		return verdict(ctx, XDP_DROP, reason);
-	}
+	if (nat_out_flow(&key, &f, &e, &reason) < 0)
+		return nat_refuse(ctx, reason);
 	ct_update(e, f.tcp, CT_DIR_ORIG, bytes);
 	ct_track_inside_ack(e, f.tcp);
 	snat_rewrite(ip, &f, e->nat_addr, e->nat_port);

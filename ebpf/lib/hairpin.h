@@ -13,6 +13,7 @@
 #include "fib.h"
 #include "stats.h"
 #include "icmp_error.h"
+#include "icmp_send.h"
 
 /* A hairpinned packet, translated both ways, goes back in towards its target. */
 static __always_inline int hairpin_forward(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *ip)
@@ -51,7 +52,7 @@ static __always_inline int hairpin_echo(struct xdp_md *ctx, struct ethhdr *eth, 
 	key.sport = *f->sport;
 	key.proto = IPPROTO_ICMP;
 	if (nat_out_flow(&key, f, &out, &reason) < 0)
-		return verdict(ctx, XDP_DROP, reason);
+		return nat_refuse(ctx, reason);
 	ct_update(out, NULL, CT_DIR_ORIG, bytes);
 	snat_rewrite(ip, f, out->nat_addr, out->nat_port);
 	icmp_outer_set_addr(ip, &ip->daddr, target);
@@ -189,7 +190,7 @@ static __always_inline int nat_hairpin(struct xdp_md *ctx, struct hdr_cursor *c,
 
 	fresh = !ct_orig.lookup(&key);
 	if (nat_out_flow(&key, &f, &out, &reason) < 0)
-		return verdict(ctx, XDP_DROP, reason);
+		return nat_refuse(ctx, reason);
 	rk.saddr = out->nat_addr;
 	rk.sport = out->nat_port;
 	rc = nat_in_flow(&rk, &f, ip->ttl, &rv, &in, &reason);

@@ -140,11 +140,15 @@ drop:
 	return count_action(ctx, XDP_DROP);
 }
 
-/* The drop reasons RFC 5508 REQ-8 answers: the NAT could not make a session for the packet. */
-static __always_inline int refusal_is_resources(__u32 reason)
+/* A packet from inside that got no flow: RFC 5508 REQ-8 answers the reasons where the NAT could not make
+ * a session (resources, max_ports_per_host); the others (a spoofed source, a stray RST) are dropped
+ * silently, since an error to a forged source would go to somebody else. */
+static __always_inline int nat_refuse(struct xdp_md *ctx, __u32 reason)
 {
-	return reason == STAT_DROP_PORT_EXHAUSTED || reason == STAT_DROP_TABLE_FULL ||
-	       reason == STAT_DROP_HOST_PORT_LIMIT;
+	if (reason == STAT_DROP_PORT_EXHAUSTED || reason == STAT_DROP_TABLE_FULL ||
+	    reason == STAT_DROP_HOST_PORT_LIMIT)
+		return icmp_refuse(ctx, reason);
+	return verdict(ctx, XDP_DROP, reason);
 }
 
 #endif /* NATD_ICMP_SEND_H */
