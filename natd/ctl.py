@@ -12,6 +12,7 @@ Output follows conntrack: flows one per line in its ``-L`` format (natd.fmt), th
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import ipaddress
 import json
@@ -28,11 +29,20 @@ from natd import __version__
 from natd.config import Config, Timeouts, load_config
 from natd.errors import NatdError, StateError
 from natd.events import conntrack_line, destroy_events, event_json, parse_event, socket_path
-from natd.fmt import TimeoutPolicy, flow_json, flow_tuples, format_flow, ip_str, seconds_left
+from natd.fmt import (
+    TimeoutPolicy,
+    flow_json,
+    flow_tuples,
+    format_flow,
+    format_mapping,
+    ip_str,
+    mapping_json,
+    seconds_left,
+)
 from natd.maps import LAYOUT_VERSION, PROTO_NAMES, PROTO_NUMBERS, PROTO_TCP, CtEntry, CtKey, CtState, Stat
 from natd.metrics import read_port_ranges
 from natd.status import pid_alive, read_status, status_path
-from natd.tables import Flow, PinnedTables, StatTotals, Tables, pin_dir, sum_stats
+from natd.tables import Flow, PinnedTables, StatTotals, Tables, flow_mapping_keys, pin_dir, sum_stats
 
 __all__ = [
     "BANNER",
@@ -81,6 +91,8 @@ examples:
   natctl -L -s 10.0.1.42 -o json          one inside host's flows as JSON, one object per line
   natctl -L -q 203.0.113.1 --reply-port-dst 20001
                                           which flow holds external port 20001 of 203.0.113.1
+  natctl -M -s 10.0.1.42                  one host's NAT mappings: inside ip:port -> external ip:port,
+                                          flows using each, ports the host holds (max_ports_per_host)
   natctl -C                               count flows
   natctl -S                               per-CPU counters, conntrack -S style
   natctl -D -s 10.0.1.42                  delete one host's flows (frees their external ports)
@@ -258,6 +270,28 @@ def list_flows(tables: Tables, flt: FlowFilter, timeouts: TimeoutPolicy, now_ns:
     _write_lines(_flow_lines(flows, timeouts, now_ns(), output), out)
     out.flush()
     print(f"{BANNER}: {len(flows)} flow entries have been shown.", file=err)
+    return 0
+
+
+def list_mappings(tables: Tables, flt: FlowFilter, output: str, out: TextIO, err: TextIO) -> int:
+    """-M: the NAT mappings the filters match (-p, -s, --sport, -q, --reply-port-dst), each with the number
+    of flows using it and the mappings its inside address holds. Always 0."""
+    table = tables.mapping_table()
+    flows = flow_mapping_keys(tables.flow_table())
+    uses = collections.Counter(bytes(k) for k in flows.view("V16"))
+    hosts = tables.host_ports()
+    shown = 0
+    for key, mapping in table.pairs():
+        as_flow = CtEntry(nat_addr=mapping.ext_addr, nat_port=mapping.ext_port)
+        if not flt.matches(key, as_flow):
+            continue
+        n, held = uses.get(key.to_bytes(), 0), hosts.get(key.saddr, 0)
+        line = (json.dumps(mapping_json(key, mapping, n, held)) if output == "json"
+                else format_mapping(key, mapping, n, held))
+        print(line, file=out)
+        shown += 1
+    out.flush()
+    print(f"{BANNER}: {shown} mappings have been shown.", file=err)
     return 0
 
 
@@ -661,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("-S", "--stats", "stats", "per-CPU counters, conntrack -S style"),
             ("-F", "--flush", "flush", "delete every flow"),
             ("-D", "--delete", "delete", "delete the flows the filters match"),
-            ("-E", "--event", "events", "follow flow events (NEW, DESTROY) live, conntrack -E style")):
+            ("-E", "--event", "events", "follow flow events (NEW, DESTROY) live, conntrack -E style"),
+            ("-M", "--mappings", "mappings", "list NAT mappings (inside endpoint -> external ip:port)")):
         commands.add_argument(short, long, dest="command", action="store_const", const=name, help=text)
     parser.add_argument("subcommand", nargs="?", choices=["status"],
                         help="status: pin dir, table fill, counters, interfaces, rules")
@@ -686,17 +721,20 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> s
         parser.error(f"give one command: status or -{args.command[0].upper()}, not both")
     command: str | None = args.subcommand or args.command
     if command is None:
-        parser.error("no command given; use -L, -C, -S, -F, -D, -E or status")
+        parser.error("no command given; use -L, -C, -S, -F, -D, -E, -M or status")
     filtering = any(getattr(args, f) is not None for f in _FILTERS)
-    if filtering and command not in ("list", "count", "delete", "events"):
+    if filtering and command not in ("list", "count", "delete", "events", "mappings"):
         parser.error("filters (-p, -s, -d, --sport, --dport, -q, --reply-port-dst, --state) apply to "
-                     "-L, -C, -D and -E only")
+                     "-L, -C, -D, -E and -M only")
+    if command == "mappings" and any(getattr(args, f) is not None for f in ("orig_dst", "dport", "state")):
+        parser.error("-d, --dport and --state do not apply to -M: a mapping is an inside endpoint's, "
+                     "whatever the remote")
     if command == "events" and args.state is not None:
         parser.error("--state does not apply to -E: events carry no TCP state")
     if command == "delete" and not filtering:
         parser.error("-D needs at least one filter (e.g. -s 10.0.1.42); -F deletes every flow")
     if args.output is not None and command in ("count", "flush"):
-        parser.error("-o applies to -L, -D, -S and status")
+        parser.error("-o applies to -L, -D, -S, -M and status")
     return command
 
 
@@ -731,6 +769,8 @@ def run(argv: Sequence[str] | None = None, *,
             return list_flows(tables, flt, settings.timeouts, now_ns, output, out, err)
         if command == "count":
             return count_flows(tables, flt, out)
+        if command == "mappings":
+            return list_mappings(tables, flt, output, out, err)
         # natd logs DESTROY events for what natctl deleted from its pinned maps (not from test fakes)
         pinned = isinstance(tables, PinnedTables)
         if command == "delete":

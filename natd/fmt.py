@@ -26,7 +26,17 @@ import socket
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from natd.maps import PROTO_ICMP, PROTO_NAMES, PROTO_TCP, CtEntry, CtFlags, CtKey, CtState
+from natd.maps import (
+    PROTO_ICMP,
+    PROTO_NAMES,
+    PROTO_TCP,
+    CtEntry,
+    CtFlags,
+    CtKey,
+    CtState,
+    NatMapping,
+    NatMappingFlags,
+)
 
 __all__ = [
     "ICMP_ECHO",
@@ -35,7 +45,9 @@ __all__ = [
     "flow_json",
     "format_flow",
     "format_flows",
+    "format_mapping",
     "ip_str",
+    "mapping_json",
     "port_host",
     "seconds_left",
     "tcp_state_name",
@@ -164,3 +176,46 @@ def format_flows(flows: Iterable[tuple[CtKey, CtEntry]], timeouts: TimeoutPolicy
     """``conntrack -L`` lines for ``flows``, in the order given, all timed against one ``now_ns``."""
     for key, entry in flows:
         yield format_flow(key, entry, seconds_left(key, entry, timeouts, now_ns))
+
+
+# --- NAT mappings (natctl -M) -------------------------------------------------------------------------------
+
+def format_mapping(key: CtKey, mapping: NatMapping, flows: int, host_ports: int) -> str:
+    """One ``natctl -M`` line, in the style of a conntrack line::
+
+        udp      17 src=10.0.1.42 sport=5060 ext=203.0.113.1 eport=5060 flows=2 host_ports=3 [OWNS_PORT]
+
+    ``src``/``sport`` the inside endpoint (ICMP: ``id=``), ``ext``/``eport`` what it is translated to;
+    under address-and-port-dependent mapping the remote follows (``dst``/``dport``). ``flows``: the
+    endpoint's flows using it; ``host_ports``: mappings its inside address holds (max_ports_per_host
+    counts these). Flags: ``[OWNS_PORT]`` (no other endpoint shares the port), ``[EIF]``."""
+    proto = key.proto
+    ident = "id" if proto == PROTO_ICMP else "sport"
+    name = PROTO_NAMES.get(proto, "unknown")
+    text = f"{name:<8} {proto} src={ip_str(key.saddr)} {ident}={port_host(key.sport)}"
+    if key.daddr:
+        text += f" dst={ip_str(key.daddr)}"
+        if proto != PROTO_ICMP:
+            text += f" dport={port_host(key.dport)}"
+    text += (f" ext={ip_str(mapping.ext_addr)} e{'id' if proto == PROTO_ICMP else 'port'}="
+             f"{port_host(mapping.ext_port)} flows={flows} host_ports={host_ports}")
+    for flag in NatMappingFlags:
+        if mapping.flags & flag:
+            text += f" [{flag.name}]"
+    return text
+
+
+def mapping_json(key: CtKey, mapping: NatMapping, flows: int, host_ports: int) -> dict[str, object]:
+    """The mapping as a JSON-ready dict (``natctl -M -o json``)."""
+    out: dict[str, object] = {
+        "proto": PROTO_NAMES.get(key.proto, str(key.proto)),
+        "inside": {"addr": ip_str(key.saddr), "port": port_host(key.sport)},
+        "external": {"addr": ip_str(mapping.ext_addr), "port": port_host(mapping.ext_port)},
+        "flows": flows,
+        "host_ports": host_ports,
+        "flags": [f.name for f in NatMappingFlags if mapping.flags & f],
+        "rule_id": mapping.rule_id,
+    }
+    if key.daddr:
+        out["remote"] = {"addr": ip_str(key.daddr), "port": port_host(key.dport)}
+    return out

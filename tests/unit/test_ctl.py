@@ -24,8 +24,11 @@ from natd.maps import (
     CtFlags,
     CtKey,
     CtState,
+    NatMapping,
+    NatMappingFlags,
     Stat,
     ip_to_be32,
+    mapping_key_for,
     port_to_be16,
     reply_key_for,
 )
@@ -229,14 +232,14 @@ def test_delete_json(natctl: Run) -> None:
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    ([], "no command given; use -L, -C, -S, -F, -D, -E or status"),
+    ([], "no command given; use -L, -C, -S, -F, -D, -E, -M or status"),
     (["-D"], "-D needs at least one filter (e.g. -s 10.0.1.42); -F deletes every flow"),
     (["-S", "-p", "tcp"], "filters (-p, -s, -d, --sport, --dport, -q, --reply-port-dst, --state) apply to "
-                          "-L, -C, -D and -E only"),
-    (["-F", "-s", "10.0.0.1"], "apply to -L, -C, -D and -E only"),
-    (["status", "--state", "ESTABLISHED"], "apply to -L, -C, -D and -E only"),
+                          "-L, -C, -D, -E and -M only"),
+    (["-F", "-s", "10.0.0.1"], "apply to -L, -C, -D, -E and -M only"),
+    (["status", "--state", "ESTABLISHED"], "apply to -L, -C, -D, -E and -M only"),
     (["-E", "--state", "ESTABLISHED"], "--state does not apply to -E: events carry no TCP state"),
-    (["-C", "-o", "json"], "-o applies to -L, -D, -S and status"),
+    (["-C", "-o", "json"], "-o applies to -L, -D, -S, -M and status"),
     (["-L", "status"], "give one command: status or -L, not both"),
     (["-L", "-C"], "argument -C/--count: not allowed with argument -L/--dump"),
     (["-L", "-p", "sctp"], "'sctp' is not a protocol natd tracks; expected tcp, udp or icmp"),
@@ -567,3 +570,51 @@ def test_xdp_attachment_errors_do_not_fail_status(monkeypatch: pytest.MonkeyPatc
 def test_interface_that_does_not_exist() -> None:
     assert ctl._interface("natd-nope0", None, "inside") == InterfaceInfo(
         "natd-nope0", "inside", None, "not found in this network namespace")
+
+
+# --- -M: NAT mappings --------------------------------------------------------------------------------------
+
+
+def mapped_tables() -> FakeTables:
+    """host 10.0.1.42 with UDP 5060 mapped to 203.0.113.1:5060 (two flows), and ICMP id 7 (no flow left)."""
+    t = FakeTables()
+    for remote in ("198.51.100.10", "198.51.100.20"):
+        key = CtKey.make("10.0.1.42", remote, 5060, 5060, PROTO_UDP)
+        entry = CtEntry(nat_addr=ip_to_be32("203.0.113.1"), nat_port=port_to_be16(5060))
+        t.add_flow(key, entry)
+    sip = NatMapping(ext_addr=ip_to_be32("203.0.113.1"), ext_port=port_to_be16(5060),
+                     flags=int(NatMappingFlags.OWNS_PORT))
+    t.add_mapping(mapping_key_for(CtKey.make("10.0.1.42", "198.51.100.10", 5060, 5060, PROTO_UDP)), sip)
+    ping = NatMapping(ext_addr=ip_to_be32("203.0.113.1"), ext_port=port_to_be16(20007),
+                      flags=int(NatMappingFlags.OWNS_PORT | NatMappingFlags.EIF), rule_id=1)
+    t.add_mapping(mapping_key_for(CtKey.make("10.0.1.42", "198.51.100.10", 7, 0, PROTO_ICMP)), ping)
+    return t
+
+
+def test_mappings_listed_with_their_flows_and_host_ports(natctl: Run) -> None:
+    rc, out, err = natctl(mapped_tables(), "-M")
+    assert rc == 0
+    assert out.splitlines() == [
+        "udp      17 src=10.0.1.42 sport=5060 ext=203.0.113.1 eport=5060 flows=2 host_ports=2 [OWNS_PORT]",
+        "icmp     1 src=10.0.1.42 id=7 ext=203.0.113.1 eid=20007 flows=0 host_ports=2 [OWNS_PORT] [EIF]",
+    ]
+    assert err == f"{BANNER}: 2 mappings have been shown.\n"
+
+
+def test_mappings_filtered_and_as_json(natctl: Run) -> None:
+    rc, out, _ = natctl(mapped_tables(), "-M", "-p", "icmp", "-o", "json")
+    assert rc == 0
+    assert [json.loads(line) for line in out.splitlines()] == [{
+        "proto": "icmp", "inside": {"addr": "10.0.1.42", "port": 7},
+        "external": {"addr": "203.0.113.1", "port": 20007}, "flows": 0, "host_ports": 2,
+        "flags": ["OWNS_PORT", "EIF"], "rule_id": 1}]
+    _, out, _ = natctl(mapped_tables(), "-M", "--reply-port-dst", "5060")
+    assert len(out.splitlines()) == 1 and "sport=5060" in out
+    _, out, _ = natctl(mapped_tables(), "-M", "-s", "10.0.2.0/24")
+    assert out == ""
+
+
+@pytest.mark.parametrize("flag", [["-d", "198.51.100.10"], ["--dport", "53"], ["--state", "ESTABLISHED"]])
+def test_mappings_refuse_remote_filters(natctl: Run, flag: list[str]) -> None:
+    rc, _, err = natctl(mapped_tables(), "-M", *flag)
+    assert rc == 2 and "do not apply to -M" in err
