@@ -121,6 +121,8 @@ class Daemon:
         self.datapath = Datapath.load(self.pin_dir, cfg.conntrack.max)
         self.tables = PinnedTables(self.pin_dir)
         self.tables.apply_rules(rules)
+        if self.tables.ensure_nat_secret():
+            log.info("new port-choice key for endpoint-independent mappings (kept in %s)", self.pin_dir)
         self.rules = rules
         for ifname in cfg.inside:
             enable_accept_local(ifname, self.proc)

@@ -283,6 +283,10 @@ class NatMapping(_Struct):
     ]
 
 
+class NatSecret(_Struct):
+    _fields_ = [("key", ctypes.c_uint32 * 4)]
+
+
 class IcmpRate(_Struct):
     _fields_ = [("window_start_ns", ctypes.c_uint64), ("sent", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
@@ -380,4 +384,5 @@ MAP_TYPES: dict[str, tuple[type[_Struct] | None, type[_Struct] | None]] = {
     "port_owners": (ExtEndpoint, CtKey),
     "host_ports": (None, None),       # be32 inside address -> u32 external ports held
     "icmp_rate": (None, IcmpRate),    # per-CPU array[1]
+    "nat_secret": (None, NatSecret),  # array[1]
 }

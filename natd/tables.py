@@ -8,11 +8,12 @@ are unit-tested without root.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol, overload
 
 import numpy as np
@@ -38,6 +39,7 @@ from natd.maps import (
     LpmV4Key,
     NatMapping,
     NatMappingFlags,
+    NatSecret,
     SnatRuleValue,
     Stat,
     StatCounter,
@@ -336,6 +338,7 @@ class Tables(Protocol):
     def lookup_mappings(self, keys: npt.NDArray[np.void]) -> Lookups: ...
     def delete_mappings(self, mappings: MappingTable) -> int: ...
     def host_ports(self) -> dict[int, int]: ...
+    def ensure_nat_secret(self) -> bool: ...
 
 
 def sum_stats(per_cpu: Sequence[StatTotals]) -> StatTotals:
@@ -513,6 +516,20 @@ class PinnedTables:
                 continue
             hp.update(key, U32.pack(max(0, U32.unpack(raw)[0] - n)))
 
+    def ensure_nat_secret(self, random: Callable[[int], bytes] = os.urandom) -> bool:
+        """Give the datapath its port-choice key (struct nat_secret) unless it has one: pinned, so every
+        later natd keeps it. True when this call wrote it."""
+        m = self.map("nat_secret")
+        key = U32.pack(0)
+        current = m.lookup(key)
+        if current is not None and any(current):
+            return False
+        secret = random(ctypes.sizeof(NatSecret))
+        while not any(secret):  # all-zero means "none yet"
+            secret = random(ctypes.sizeof(NatSecret))
+        m.update(key, secret)
+        return True
+
     def host_ports(self) -> dict[int, int]:
         """be32 inside address -> external ports it holds (hosts holding none are left out)."""
         out = {}
@@ -545,6 +562,7 @@ class FakeTables:
         self.rules: RuleSet | None = None
         self.mappings: dict[CtKey, NatMapping] = {}
         self.hosts: dict[int, int] = {}  # be32 inside address -> ports held (host_ports)
+        self.nat_secret = b""
         assert len(Stat) == STAT_MAX
 
     def add_flow(self, key: CtKey, entry: CtEntry) -> None:
@@ -638,3 +656,9 @@ class FakeTables:
 
     def host_ports(self) -> dict[int, int]:
         return {a: n for a, n in self.hosts.items() if n}
+
+    def ensure_nat_secret(self) -> bool:
+        if self.nat_secret:
+            return False
+        self.nat_secret = os.urandom(16)
+        return True

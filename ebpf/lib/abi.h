@@ -129,6 +129,14 @@ struct nat_mapping {
 	__u32 pad2;
 };
 
+/* The key of the endpoint-independent mapping's port choice (eim_hash() in nat.h): natd writes random
+ * bytes once (natd.tables.PinnedTables.ensure_nat_secret); pinned, so a restart keeps choosing the same
+ * ports. RFC 7857 §9 / RFC 6056 §3.3.3: a port that cannot be the inside port should not be predictable
+ * from the inside endpoint alone. */
+struct nat_secret {
+	__u32 key[4];
+};
+
 /* Rate limit of the ICMP errors natd sends itself (RFC 1812 §4.3.2.8), per CPU: at most
  * NATD_ICMP_BURST in each NATD_ICMP_WINDOW_NS window. */
 #define NATD_ICMP_BURST 100

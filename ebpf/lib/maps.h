@@ -45,6 +45,7 @@ BPF_TABLE_PINNED("hash", struct ext_endpoint, struct ct_key, port_owners, NATD_C
  * datapath adds, natd subtracts when it deletes mappings. */
 BPF_TABLE_PINNED("hash", __be32, __u32, host_ports, NATD_MAX_HOSTS, NATD_PIN_DIR "/host_ports");
 BPF_TABLE_PINNED("percpu_array", __u32, struct icmp_rate, icmp_rate, 1, NATD_PIN_DIR "/icmp_rate");
+BPF_TABLE_PINNED("array", __u32, struct nat_secret, nat_secret, 1, NATD_PIN_DIR "/nat_secret");
 /* Room to build an ICMP error in (ebpf/lib/icmp_send.h): XDP programs have 512 bytes of stack, and the
  * inside entry point's inlined paths use most of them. Not pinned: nothing lives in it between packets. */
 struct icmp_scratch {

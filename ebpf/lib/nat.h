@@ -56,12 +56,21 @@ static __always_inline int ct_commit(struct ct_key *orig, struct ct_key *rk, __b
 	return -1;
 }
 
+/* The first port an endpoint-independent mapping tries when it cannot keep the inside port: a function
+ * of the inside endpoint and natd's secret (struct nat_secret), so the same endpoint comes back on the
+ * same port while the outside cannot predict it (RFC 7857 §9, RFC 6056 §3.3.3 in spirit: keyed, though
+ * not a cryptographic hash). */
 static __always_inline __u32 eim_hash(const struct ct_key *orig)
 {
-	__u32 h = bpf_ntohl(orig->saddr) * 2654435761u;
+	__u32 zero = 0;
+	struct nat_secret *sk = nat_secret.lookup(&zero);
+	__u32 k0 = sk ? sk->key[0] : 0, k1 = sk ? sk->key[1] : 0, k2 = sk ? sk->key[2] : 0;
+	__u32 h = (bpf_ntohl(orig->saddr) ^ k0) * 2654435761u;
 
-	h ^= ((__u32)bpf_ntohs(orig->sport) << 8 | orig->proto) * 2246822519u;
-	return h ^ (h >> 15);
+	h ^= (((__u32)bpf_ntohs(orig->sport) << 8 | orig->proto) ^ k1) * 2246822519u;
+	h ^= h >> 15;
+	h = (h ^ k2) * 3266489917u;
+	return h ^ (h >> 13);
 }
 
 /* The nat_mappings key of a flow (struct nat_mapping; mirrors natd.maps.mapping_key_for). */

@@ -82,6 +82,7 @@ def natd_dp(lab_session: Any) -> Iterator[NatDatapath]:
         tables = PinnedTables(directory)
         config = parse_config(RULES_YAML, source="tests/bpf/conftest.py")
         tables.apply_rules(build_ruleset(config, ipaddress.IPv4Address(GW_OUT), [ifindex["out0"]]))
+        tables.ensure_nat_secret()  # as natd does at start
         yield NatDatapath(lab, datapath, tables, netns_fd, ifindex, macs, directory)
     finally:
         if tables is not None:

@@ -9,6 +9,7 @@ Rules: see harness.RULES_YAML (rule 2 has four ports, rule 4 caps hosts of 10.0.
 from __future__ import annotations
 
 import ipaddress
+import struct
 import time
 
 import pytest
@@ -331,3 +332,29 @@ def test_default_filtering_ignores_the_mapping_for_new_remotes(dp: NatDatapath) 
         run = dp.outside(frame)
     assert run.retval == XDP_DROP and d[Stat.DROP_NO_MAPPING] == 1
 
+
+
+# ============================================================================ keyed port choice (RFC 7857 §9)
+
+
+def test_the_port_choice_is_keyed_by_natds_secret(dp: NatDatapath) -> None:
+    """RFC 7857 §9: when the inside port cannot be kept (40000-40003 lie outside rule 0's range), the port
+    comes from a hash keyed with natd's pinned secret: stable for one key (a released mapping comes back
+    on its port), different under another key, so the outside cannot compute it from the endpoint."""
+    secret = dp.tables.map("nat_secret")
+    zero = struct.pack("<I", 0)
+    original = secret.lookup(zero)
+    assert original is not None and any(original), "natd (here: the fixture) wrote a key"
+    assert not dp.tables.ensure_nat_secret(), "an existing key is kept"
+
+    def ports() -> list[int]:
+        dp.clear_flows()
+        return [open_flow(dp, src=HOST1, sport=40000 + i, dst=SRV) for i in range(4)]
+
+    first = ports()
+    assert ports() == first
+    try:
+        secret.update(zero, bytes(b ^ 0x5A for b in original))
+        assert ports() != first  # all four equal by chance: p ~ 1e-16
+    finally:
+        secret.update(zero, original)
