@@ -13,9 +13,9 @@ created directly (libbpf, same types, key/value sizes and max_entries as the dat
 BPF_TABLE_PINNED); --datapath compiles and loads natd's XDP program with natd.loader.Datapath (not
 attached to anything) and uses the maps it pins.
 
-For each size it fills both conntrack halves with batch updates (flows shaped like a NAT gateway's: 4096
-inside hosts, 1024 remotes, 4 external addresses; 70% TCP, 25% UDP, 5% ICMP), a fraction of them idle past
-their timeout (default config timeouts), and reports, medians of --repeat runs:
+For each size it fills both conntrack halves and one NAT mapping per flow with batch updates (flows shaped
+like a NAT gateway's: 4096 inside hosts, 1024 remotes, 4 external addresses; 70% TCP, 25% UDP, 5% ICMP), a
+fraction of them idle past their timeout (default config timeouts), and reports, medians of --repeat runs:
 
   read      BpfMap.lookup_batch_raw of ct_orig and ct_reply (the raw batch read)
   objects   PinnedTables.flows(): the same read as a list of (CtKey, CtEntry), what natctl uses
@@ -55,7 +55,10 @@ from natd.config import Timeouts, parse_config
 from natd.maps import (
     CT_ENTRY_DTYPE,
     CT_KEY_DTYPE,
+    EXT_ENDPOINT_DTYPE,
     LAYOUT_VERSION,
+    MAX_HOSTS,
+    NAT_MAPPING_DTYPE,
     PROTO_ICMP,
     PROTO_TCP,
     PROTO_UDP,
@@ -115,7 +118,8 @@ def median_time(fn: Callable[[], object], repeat: int, before: Callable[[], obje
 
 @contextlib.contextmanager
 def pinned_maps(pin_root: str, ct_max: int, datapath: bool) -> Iterator[str]:
-    """A pin directory holding ct_orig, ct_reply, stats and ext_addrs; removed (maps unpinned) on exit."""
+    """A pin directory holding ct_orig, ct_reply, stats, ext_addrs and the NAT mapping maps; removed (maps
+    unpinned) on exit."""
     directory = os.path.join(pin_root, "bench", f"v{LAYOUT_VERSION}")
     os.makedirs(directory)
     loaded: Any = None
@@ -131,6 +135,11 @@ def pinned_maps(pin_root: str, ct_max: int, datapath: bool) -> Iterator[str]:
                 "ct_reply": (bpfsys.BPF_MAP_TYPE_HASH, CT_KEY_DTYPE.itemsize, CT_KEY_DTYPE.itemsize, ct_max),
                 "stats": (bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, STAT_MAX),
                 "ext_addrs": (bpfsys.BPF_MAP_TYPE_HASH, 4, ctypes.sizeof(ExtAddrInfo), 256),
+                "nat_mappings": (bpfsys.BPF_MAP_TYPE_HASH, CT_KEY_DTYPE.itemsize, NAT_MAPPING_DTYPE.itemsize,
+                                 ct_max),
+                "port_owners": (bpfsys.BPF_MAP_TYPE_HASH, EXT_ENDPOINT_DTYPE.itemsize, CT_KEY_DTYPE.itemsize,
+                                ct_max),
+                "host_ports": (bpfsys.BPF_MAP_TYPE_HASH, 4, 4, MAX_HOSTS),
             }
             for name, (kind, ks, vs, n) in specs.items():
                 m = bpfsys.BpfMap.create(kind, ks, vs, n, name)
@@ -199,6 +208,20 @@ def make_flows(n: int, expired_fraction: float, now_ns: int,
     return keys, entries, replies, keys.copy()
 
 
+def make_mappings(keys: np.ndarray, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The endpoint-independent mapping of every flow (each inside endpoint here has exactly one flow, the
+    worst case for the reaper: every expired flow releases a mapping)."""
+    mkeys = keys.copy()
+    mkeys["daddr"] = 0
+    mkeys["dport"] = 0
+    values = np.zeros(len(keys), NAT_MAPPING_DTYPE)
+    values["last_used_ns"] = entries["created_ns"]
+    values["ext_addr"] = entries["nat_addr"]
+    values["ext_port"] = entries["nat_port"]
+    values["rule_id"] = 1
+    return mkeys, values
+
+
 class Bench:
     def __init__(self, directory: str, n: int, expired_fraction: float, timeouts: Timeouts) -> None:
         self.tables = PinnedTables(directory)
@@ -209,14 +232,19 @@ class Bench:
         self.keys, self.entries, self.reply_keys, self.reply_values = make_flows(n, expired_fraction,
                                                                                  self.now)
         self.dead = np.flatnonzero(expired_mask(FlowTable(self.keys, self.entries), self.now, timeouts))
+        self.mapping_keys, self.mapping_values = make_mappings(self.keys, self.entries)
 
     def fill(self, rows: np.ndarray | None = None) -> float:
         started = time.perf_counter()
         k, e, rk, rv = self.keys, self.entries, self.reply_keys, self.reply_values
         if rows is not None:
             k, e, rk, rv = k[rows], e[rows], rk[rows], rv[rows]
+        mk, mv = self.mapping_keys, self.mapping_values
+        if rows is not None:
+            mk, mv = mk[rows], mv[rows]
         self.tables.map("ct_reply").update_batch(rk.tobytes(), rv.tobytes(), len(rk))
         self.tables.map("ct_orig").update_batch(k.tobytes(), e.tobytes(), len(k))
+        self.tables.map("nat_mappings").update_batch(mk.tobytes(), mv.tobytes(), len(mk))
         return time.perf_counter() - started
 
 
@@ -241,6 +269,7 @@ def measure(directory: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
                           before=lambda: bench.fill(bench.dead))
     out["sweep_s"] = sweep_s
     out["sweep_reaped"] = results[-1].reaped
+    out["sweep_mappings_released"] = results[-1].mappings_released
     out["sweep_recheck"] = results[-1].recheck
     results.clear()
     out["sweep0_s"] = median_time(lambda: results.append(reaper.sweep()), args.repeat)
@@ -301,7 +330,7 @@ def report(r: dict[str, Any]) -> None:
           f"(lookup_batch_raw); flow_table() {ms['flow_table_s']:.0f} ms; flows() objects "
           f"{r['flows_objects_s']:.2f} s\n"
           f"  sweep      {ms['sweep_s']:.0f} ms with {r['expired']} expired ({r['sweep_reaped']} reaped, "
-          f"re-check {r['sweep_recheck']}); {ms['sweep0_s']:.0f} ms with none expired\n"
+          f"{r['sweep_mappings_released']} mappings released, re-check {r['sweep_recheck']}); {ms['sweep0_s']:.0f} ms with none expired\n"
           f"  stall      main thread during a sweep: max {r['stall_max_ms']:.1f} ms, p99 "
           f"{r['stall_p99_ms']:.1f} ms (1 ms sleeps; without a sweep: max {r['stall_idle_max_ms']:.1f} ms)\n"
           f"  scrape     {ms['scrape_s']:.1f} ms; during a sweep max "

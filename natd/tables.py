@@ -547,7 +547,8 @@ class PinnedTables:
             net = ipaddress.IPv4Network((ipaddress.IPv4Address(key.addr.to_bytes(4, "little")),
                                          key.prefixlen))
             snat.append({"from": str(net), "rule_id": val.rule_id, "pool_index": val.pool_index,
-                         "pool_size": val.pool_size, "ports": f"{val.port_min}-{val.port_max}"})
+                         "pool_size": val.pool_size, "ports": f"{val.port_min}-{val.port_max}",
+                         "max_ports_per_host": val.host_port_limit or None})
         return {"snat": sorted(snat, key=lambda r: str(r["from"]))}
 
 
