@@ -120,6 +120,20 @@ static __always_inline void port_release(__be32 ext, __be16 port, __u8 proto)
 	port_owners.delete(&ep);
 }
 
+/* Claim the reply half for rk (rk->dport the candidate port): 0 when claimed, 1 when the port is busy
+ * towards this remote (its port claim, if this flow made one, given back), -1 when the table is full. */
+static __always_inline int port_try(struct ct_key *rk, struct ct_reply_value *rv, int *owned)
+{
+	int err = ct_reply.insert(rk, rv);
+
+	if (!err)
+		return 0;
+	if (*owned)
+		port_release(rk->daddr, rk->dport, rk->proto);
+	*owned = 0;
+	return err == -EEXIST ? 1 : -1;
+}
+
 /* RFC 6888 REQ-4: count one more external port for an inside address; -1 (nothing counted) when that
  * would pass the rule's limit. The add is atomic; the check after it may refuse one port early when
  * CPUs race at the limit, never let one through. */
@@ -241,13 +255,10 @@ static __always_inline int snat_create(struct ct_key *orig, const struct snat_ru
 		rk.dport = orig->sport;
 		owned = want_owner && !port_claim(ext, rk.dport, &mk);
 		if (owned || !want_owner) {
-			err = ct_reply.insert(&rk, &rv);
-			if (!err)
+			rc = port_try(&rk, &rv, &owned);
+			if (!rc)
 				goto claimed;
-			if (owned)
-				port_release(ext, rk.dport, orig->proto);
-			owned = 0;
-			if (err != -EEXIST)
+			if (rc < 0)
 				goto fail_full;
 		}
 	}
@@ -275,13 +286,10 @@ static __always_inline int snat_create(struct ct_key *orig, const struct snat_ru
 			if (!owned && (eif || i < NAT_PORT_TRIES * 3 / 4))
 				continue;
 		}
-		err = ct_reply.insert(&rk, &rv);
-		if (!err)
+		rc = port_try(&rk, &rv, &owned);
+		if (!rc)
 			goto claimed;
-		if (owned)
-			port_release(ext, rk.dport, orig->proto);
-		owned = 0;
-		if (err != -EEXIST)
+		if (rc < 0)
 			goto fail_full;
 	}
 	*reason = STAT_DROP_PORT_EXHAUSTED;

@@ -73,6 +73,79 @@ print(got)
 """
 
 
+# Answers each datagram with the source address:port it saw (a minimal STUN binding response).
+UDP_REFLECTOR = r"""
+import socket, sys, threading
+def serve(addr, port):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((addr, port))
+    while True:
+        data, peer = u.recvfrom(2048)
+        u.sendto(f"{peer[0]}:{peer[1]}".encode(), peer)
+for spec in sys.argv[1:]:
+    a, p = spec.rsplit(":", 1)
+    threading.Thread(target=serve, args=(a, int(p)), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+# One UDP socket (fixed local port) asks several reflectors what they see.
+STUN_CLIENT = r"""
+import socket, sys
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
+u.bind(("", int(sys.argv[1])))
+for spec in sys.argv[2:]:
+    a, p = spec.rsplit(":", 1)
+    for _ in range(3):
+        u.sendto(b"binding", (a, int(p)))
+        try:
+            print(u.recvfrom(200)[0].decode()); break
+        except TimeoutError:
+            continue
+    else:
+        print("timeout")
+"""
+
+# Accepts and keeps every connection, telling each client how it saw it.
+TCP_HOLDER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(512)
+print("ready", flush=True)
+held = []
+while True:
+    c, peer = s.accept()
+    c.sendall(f"{peer[0]}:{peer[1]}\n".encode()); held.append(c)
+"""
+
+# A raw ICMP socket sees a copy of every echo request the node gets (the kernel still answers it): prints
+# the source and identifier of the first one, waiting at most argv[1] seconds.
+ECHO_SNIFFER = r"""
+import socket, struct, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); s.settimeout(0.5)
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    try:
+        pkt, (src, _) = s.recvfrom(2048)
+    except TimeoutError:
+        continue
+    ihl = (pkt[0] & 0xF) * 4
+    if pkt[ihl] == 8:
+        print(src, struct.unpack("!H", pkt[ihl + 4:ihl + 6])[0], flush=True)
+        break
+"""
+
+
+def start_udp_reflector(lab: Lab, node: str, *endpoints: str) -> subprocess.Popen[Any]:
+    """UDP_REFLECTOR on node for each "addr:port"; waits until it listens; lab.down() ends it."""
+    proc = lab.popen(node, [sys.executable, "-c", UDP_REFLECTOR, *endpoints], stdout=-1, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != "ready":
+        raise RuntimeError(f"the UDP reflector on {node} did not start (said {line!r})")
+    return proc
+
+
 def start_peer_echo(lab: Lab, node: str, tcp_port: int, udp_port: int | None = None,
                     addr: str | None = None) -> subprocess.Popen[Any]:
     """Start PEER_ECHO on node (its first address unless addr), wait until it listens; lab.down() ends it."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from natd_lab import parse_topology
+from natd_lab.apps import ECHO_SNIFFER
 
 pytestmark = pytest.mark.lab
 
@@ -154,24 +155,6 @@ def test_inside_router_error_reaches_the_remote_from_a_public_address(lab_factor
 STATIC_B = "192.0.2.10"  # host2's static address (inet routes 192.0.2.0/24 to the gateway)
 PING_ID = 7              # outside the NAT range: natd maps it to another identifier
 
-# host2: prints (source, identifier) of the first echo request it receives (a raw socket gets a copy of
-# every ICMP message; the kernel still answers the echo itself).
-SNIFF_ECHO = r"""
-import socket, struct, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); s.settimeout(1)
-print("ready", flush=True)
-deadline = time.monotonic() + 20
-while time.monotonic() < deadline:
-    try:
-        pkt, (src, _) = s.recvfrom(2048)
-    except TimeoutError:
-        continue
-    ihl = (pkt[0] & 0xF) * 4
-    if pkt[ihl] == 8:
-        print(src, struct.unpack("!H", pkt[ihl + 4:ihl + 6])[0], flush=True)
-        break
-"""
-
 # host1: one echo request with a fixed identifier (raw socket), up to three tries; prints the source and
 # identifier of the matching reply.
 PING = r"""
@@ -217,7 +200,7 @@ def test_hairpinned_echo_to_a_static_address(hairpin_lab: Any) -> None:
     address is still answered by the gateway."""
     lab, natd = hairpin_lab
     ext = lab.addr("gw", "out0")
-    sniffer = lab.popen("host2", [sys.executable, "-c", SNIFF_ECHO], stdout=-1, text=True)
+    sniffer = lab.popen("host2", [sys.executable, "-c", ECHO_SNIFFER, "20"], stdout=-1, text=True)
     assert sniffer.stdout is not None and sniffer.stdout.readline().strip() == "ready"
     before = natd.metric("natd_hairpin_packets_total") or 0
     reply = lab.exec("host1", [sys.executable, "-c", PING, STATIC_B, str(PING_ID)], timeout=15).stdout.split()

@@ -10,51 +10,9 @@ import time
 from typing import Any
 
 import pytest
+from natd_lab.apps import STUN_CLIENT, TCP_HOLDER, start_udp_reflector
 
 pytestmark = pytest.mark.lab
-
-# Answers each datagram with the source address:port it saw, on several ports.
-REFLECTOR = r"""
-import socket, sys, threading
-def serve(port):
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((sys.argv[1], port))
-    while True:
-        data, peer = u.recvfrom(2048)
-        u.sendto(f"{peer[0]}:{peer[1]}".encode(), peer)
-for p in sys.argv[2:]:
-    threading.Thread(target=serve, args=(int(p),), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
-# From one fixed local UDP port, asks each server what it sees.
-ASK_FROM_PORT = r"""
-import socket, sys
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
-u.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-u.bind(("", int(sys.argv[1])))
-for spec in sys.argv[2:]:
-    a, p = spec.rsplit(":", 1)
-    for _ in range(3):
-        u.sendto(b"binding", (a, int(p)))
-        try:
-            print(u.recvfrom(200)[0].decode()); break
-        except TimeoutError:
-            continue
-    else:
-        print("timeout")
-"""
-
-# Accepts TCP connections and keeps them open until killed (lab.down() ends it).
-HOLDER = r"""
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(64)
-print("ready", flush=True)
-held = []
-while True:
-    held.append(s.accept()[0])
-"""
 
 # Opens argv[3] TCP connections to argv[1]:argv[2], one line per attempt ("ok" or the errno), holds them
 # until stdin closes, then closes them all.
@@ -111,11 +69,11 @@ def test_hosts_sharing_a_source_port_keep_one_mapping_towards_every_server(lab: 
     natd_factory(lab, {"inside": ["in1", "in2"], "outside": "out0",
                        "snat": [{"from": "10.0.0.0/16", "ports": "20000-29999"}]})
     srv1, srv2, gw = lab.addr("srv1"), lab.addr("srv2"), lab.addr("gw", "out0")
-    start(lab, "srv1", REFLECTOR, srv1, "3478", "3479")
-    start(lab, "srv2", REFLECTOR, srv2, "3478")
+    start_udp_reflector(lab, "srv1", f"{srv1}:3478", f"{srv1}:3479")
+    start_udp_reflector(lab, "srv2", f"{srv2}:3478")
 
     def ask(node: str, *servers: str) -> list[str]:
-        args = [sys.executable, "-c", ASK_FROM_PORT, "25060", *servers]
+        args = [sys.executable, "-c", STUN_CLIENT, "25060", *servers]
         return lab.exec(node, args, timeout=30).stdout.split()
 
     assert ask("host1", f"{srv1}:3478") == [f"{gw}:25060"]
@@ -138,7 +96,7 @@ def test_per_host_port_limit_fails_connects_at_once_and_frees_with_the_flows(lab
                                    "tcp_time_wait": 1, "tcp_close": 1}},
     })
     srv1 = lab.addr("srv1")
-    start(lab, "srv1", HOLDER, srv1, "7100")
+    start(lab, "srv1", TCP_HOLDER, srv1, "7100")
     holder = lab.popen("host1", [sys.executable, "-c", CONNECT_MANY, srv1, "7100", "4"], stdin=-1, stdout=-1,
                        text=True)
     assert holder.stdout is not None and holder.stdin is not None

@@ -8,40 +8,9 @@ import sys
 from typing import Any
 
 import pytest
+from natd_lab.apps import STUN_CLIENT, start_udp_reflector
 
 pytestmark = pytest.mark.lab
-
-# Answers each datagram with the source address:port it saw (a minimal STUN binding response).
-REFLECTOR = r"""
-import socket, sys, threading
-def serve(addr, port):
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((addr, port))
-    while True:
-        data, peer = u.recvfrom(2048)
-        u.sendto(f"{peer[0]}:{peer[1]}".encode(), peer)
-for spec in sys.argv[1:]:
-    a, p = spec.rsplit(":", 1)
-    threading.Thread(target=serve, args=(a, int(p)), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
-# One UDP socket (fixed local port) asks several reflectors what they see.
-STUN_CLIENT = r"""
-import socket, sys
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
-u.bind(("", int(sys.argv[1])))
-for spec in sys.argv[2:]:
-    a, p = spec.rsplit(":", 1)
-    for _ in range(3):
-        u.sendto(b"binding", (a, int(p)))
-        try:
-            print(u.recvfrom(200)[0].decode()); break
-        except TimeoutError:
-            continue
-    else:
-        print("timeout")
-"""
 
 # Sends from the reflector's port to a given external endpoint (a third party that was never asked).
 POKE = r"""
@@ -73,11 +42,6 @@ print(got, flush=True)
 """
 
 
-def start_reflector(lab: Any, node: str, *endpoints: str) -> None:
-    proc = lab.popen(node, [sys.executable, "-c", REFLECTOR, *endpoints], stdout=-1, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-
-
 def nat_config(**rule: str) -> dict[str, Any]:
     return {"inside": ["in1", "in2"], "outside": "out0",
             "snat": [{"from": "10.0.0.0/16", "ports": "20000-29999", **rule}]}
@@ -89,8 +53,8 @@ def test_endpoint_independent_mapping(lab: Any, natd_factory: Any, local_port: i
     server endpoints: two ports of srv1, one of srv2), also when the port itself cannot be kept."""
     natd_factory(lab, nat_config())
     srv1, srv2 = lab.addr("srv1"), lab.addr("srv2")
-    start_reflector(lab, "srv1", f"{srv1}:3478", f"{srv1}:3479")
-    start_reflector(lab, "srv2", f"{srv2}:3478")
+    start_udp_reflector(lab, "srv1", f"{srv1}:3478", f"{srv1}:3479")
+    start_udp_reflector(lab, "srv2", f"{srv2}:3478")
     seen = lab.exec("host1", [sys.executable, "-c", STUN_CLIENT, str(local_port), f"{srv1}:3478",
                               f"{srv1}:3479", f"{srv2}:3478"], timeout=30).stdout.split()
     assert len(seen) == 3 and "timeout" not in seen
@@ -103,8 +67,8 @@ def test_endpoint_independent_mapping(lab: Any, natd_factory: Any, local_port: i
 def test_address_and_port_dependent_mapping_when_configured(lab: Any, natd_factory: Any) -> None:
     natd_factory(lab, nat_config(mapping="address-and-port-dependent"))
     srv1, srv2 = lab.addr("srv1"), lab.addr("srv2")
-    start_reflector(lab, "srv1", f"{srv1}:3478", f"{srv1}:3479")
-    start_reflector(lab, "srv2", f"{srv2}:3478")
+    start_udp_reflector(lab, "srv1", f"{srv1}:3478", f"{srv1}:3479")
+    start_udp_reflector(lab, "srv2", f"{srv2}:3478")
     seen = lab.exec("host1", [sys.executable, "-c", STUN_CLIENT, "40002", f"{srv1}:3478", f"{srv1}:3479",
                               f"{srv2}:3478"], timeout=30).stdout.split()
     assert "timeout" not in seen and len(set(seen)) >= 2  # fresh random ports (three equal: p ~ 1e-8)
@@ -118,7 +82,7 @@ def test_filtering(lab: Any, natd_factory: Any, filtering: str, expect: int) -> 
     endpoint-independent filtering (full cone)."""
     natd_factory(lab, nat_config(filtering=filtering))
     srv1 = lab.addr("srv1")
-    start_reflector(lab, "srv1", f"{srv1}:3478")
+    start_udp_reflector(lab, "srv1", f"{srv1}:3478")
     listener = lab.popen("host1", [sys.executable, "-c", LISTEN_AFTER_BINDING, "40003", f"{srv1}:3478", "3"],
                          stdout=-1, text=True)
     assert listener.stdout is not None

@@ -12,8 +12,9 @@ import sys
 from typing import Any
 
 import pytest
+from natd_lab.apps import ECHO_SNIFFER, STUN_CLIENT, start_udp_reflector
 
-from .test_rfc_behaviour import BIG_ECHO, STUN_CLIENT, nat_config, start_reflector
+from .test_rfc_behaviour import BIG_ECHO, nat_config
 
 pytestmark = pytest.mark.lab
 
@@ -163,7 +164,7 @@ def test_udp_hairpinning_between_two_inside_mappings(lab: Any, natd_factory: Any
     host2's external endpoint."""
     natd = natd_factory(lab, nat_config())
     srv1 = lab.addr("srv1")
-    start_reflector(lab, "srv1", f"{srv1}:3478")
+    start_udp_reflector(lab, "srv1", f"{srv1}:3478")
     m1 = lab.exec("host1", [sys.executable, "-c", STUN_CLIENT, "40071", f"{srv1}:3478"]).stdout.strip()
     m2 = lab.exec("host2", [sys.executable, "-c", STUN_CLIENT, "40072", f"{srv1}:3478"]).stdout.strip()
     gw_out = lab.addr("gw", "out0")
@@ -185,8 +186,8 @@ def test_udp_hairpinning_to_a_port_forward(lab: Any, natd_factory: Any) -> None:
     gw_out = lab.addr("gw", "out0")
     natd_factory(lab, {**nat_config(), "forward": [{"proto": "udp", "port": 5300, "to": lab.addr("host2")}]})
     srv1 = lab.addr("srv1")
-    start_reflector(lab, "srv1", f"{srv1}:3478")
-    start_reflector(lab, "host2", f"{lab.addr('host2')}:5300")
+    start_udp_reflector(lab, "srv1", f"{srv1}:3478")
+    start_udp_reflector(lab, "host2", f"{lab.addr('host2')}:5300")
     seen = lab.exec("host1", [sys.executable, "-c", STUN_CLIENT, "40073", f"{srv1}:3478", f"{gw_out}:5300"],
                     timeout=30).stdout.split()
     assert len(seen) == 2 and "timeout" not in seen, seen
@@ -442,7 +443,7 @@ def test_endpoint_independent_filtering_is_per_protocol(lab: Any, natd_factory: 
     host1 listens for TCP on 40091 too."""
     natd_factory(lab, nat_config(filtering="endpoint-independent"))
     srv1 = lab.addr("srv1")
-    start_reflector(lab, "srv1", f"{srv1}:3478")
+    start_udp_reflector(lab, "srv1", f"{srv1}:3478")
     inside = lab.popen("host1", [sys.executable, "-c", INSIDE_ENDPOINT, "40091", "udp", f"{srv1}:3478", "6"],
                        stdout=-1, text=True)
     assert inside.stdout is not None
@@ -473,7 +474,7 @@ def test_endpoint_independent_mapping_is_per_protocol(lab: Any, natd_factory: An
     the same external port)."""
     natd_factory(lab, nat_config())
     srv1, gw_out = lab.addr("srv1"), lab.addr("gw", "out0")
-    start_reflector(lab, "srv1", f"{srv1}:3478")
+    start_udp_reflector(lab, "srv1", f"{srv1}:3478")
     server = lab.popen("srv1", [sys.executable, "-c", TCP_WHOAMI, srv1, "3478"], stdout=-1, text=True)
     ready(server)
     host2_udp = lab.exec("host2", [sys.executable, "-c", STUN_CLIENT, "25000", f"{srv1}:3478"]).stdout.strip()
@@ -519,8 +520,8 @@ def test_paired_pooling_drops_new_sessions_when_the_hosts_address_is_exhausted(l
     for a in addrs:
         lab.exec("host1", ["ip", "addr", "add", f"{a}/24", "dev", "eth0"])
     # one reflector port per address, so the discovery never competes for ports
-    start_reflector(lab, "srv2", *(f"{srv2}:{3500 + i}" for i in range(len(addrs))))
-    start_reflector(lab, "srv1", f"{srv1}:3478")
+    start_udp_reflector(lab, "srv2", *(f"{srv2}:{3500 + i}" for i in range(len(addrs))))
+    start_udp_reflector(lab, "srv1", f"{srv1}:3478")
     specs = [f"{a}:40200:{srv2}:{3500 + i}" for i, a in enumerate(addrs)]
     found: dict[str, list[str]] = {}
     for line in lab.exec("host1", [sys.executable, "-c", UDP_FROM, *specs], timeout=60).stdout.splitlines():
@@ -551,23 +552,6 @@ def test_paired_pooling_drops_new_sessions_when_the_hosts_address_is_exhausted(l
 
 
 # ================================================ RFC 5508 REQ-1a: ICMP query mapping endpoint-independent
-
-# On a server: a raw ICMP socket sees a copy of every echo request (the kernel still answers it).
-ECHO_SNIFFER = r"""
-import socket, struct, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); s.settimeout(0.5)
-print("ready", flush=True)
-end = time.monotonic() + 15
-while time.monotonic() < end:
-    try:
-        pkt, (src, _) = s.recvfrom(2048)
-    except TimeoutError:
-        continue
-    ihl = (pkt[0] & 0xF) * 4
-    if pkt[ihl] == 8:
-        print(src, struct.unpack("!H", pkt[ihl + 4:ihl + 6])[0], flush=True)
-        break
-"""
 
 # On host1: echo requests with one identifier to each destination; prints the identifier of each reply.
 PINGER = r"""
@@ -605,7 +589,7 @@ def test_icmp_echo_identifier_mapping_is_endpoint_independent(lab: Any, natd_fac
     address and the same external identifier, and both replies reach host1 with its own identifier."""
     natd_factory(lab, nat_config())
     srv1, srv2 = lab.addr("srv1"), lab.addr("srv2")
-    sniffers = {s: lab.popen(s, [sys.executable, "-c", ECHO_SNIFFER], stdout=-1, text=True)
+    sniffers = {s: lab.popen(s, [sys.executable, "-c", ECHO_SNIFFER, "15"], stdout=-1, text=True)
                 for s in ("srv1", "srv2")}
     for proc in sniffers.values():
         ready(proc)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from natd_lab.apps import TCP_RECEIVER
+from natd_lab.apps import TCP_HOLDER, TCP_RECEIVER
 
 pytestmark = pytest.mark.lab
 
@@ -163,18 +163,6 @@ except TimeoutError:
     print("timeout")
 except OSError as e:
     print("error", e)
-"""
-
-# Accepts and keeps every connection, telling each client how it saw it.
-HOLD_SERVER = r"""
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(512)
-print("ready", flush=True)
-held = []
-while True:
-    c, peer = s.accept()
-    c.sendall(f"{peer[0]}:{peer[1]}\n".encode()); held.append(c)
 """
 
 # n connects at once (non-blocking), argv[4] s to complete; prints the peers the server reported and the
@@ -713,7 +701,7 @@ def test_port_exhaustion_fails_cleanly_and_spares_other_destinations(lab: Any, n
                               "snat": [{"from": "10.0.1.0/24", "to": [pool], "ports": f"{lo}-{hi}"},
                                        {"from": "10.0.2.0/24", "ports": "20000-29999"}]})
     srv1, srv2 = lab.addr("srv1"), lab.addr("srv2")
-    servers = [run_py(lab, "srv1", HOLD_SERVER, srv1, 18400), run_py(lab, "srv2", HOLD_SERVER, srv2, 18401)]
+    servers = [run_py(lab, "srv1", TCP_HOLDER, srv1, 18400), run_py(lab, "srv2", TCP_HOLDER, srv2, 18401)]
     for s in servers:
         ready(s)
     errors_before = metric(natd, "natd_port_allocation_errors_total")
