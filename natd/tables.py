@@ -493,12 +493,16 @@ class PinnedTables:
         Returns how many mappings this call deleted."""
         if not len(mappings):
             return 0
-        owners = self.map("port_owners")
         owns = (mappings.values["flags"] & NatMappingFlags.OWNS_PORT) != 0
-        for ok, mk in zip(mappings.owner_keys()[owns], mappings.keys[owns], strict=True):
-            claim = ok.tobytes()
-            if owners.lookup(claim) == mk.tobytes():
-                owners.delete(claim)
+        claims, claimants = mappings.owner_keys()[owns], mappings.keys[owns]
+        if len(claims):
+            owners = self.map("port_owners")
+            values, found = owners.lookup_many_raw(claims.tobytes(), len(claims))
+            current = np.frombuffer(values, CT_KEY_DTYPE, len(claims))
+            # a claim is deleted only while it still names this mapping
+            ours = (np.frombuffer(found, np.uint8) != 0) & (current.view("V16") == claimants.view("V16"))
+            if ours.any():
+                owners.delete_batch_raw(claims[ours].tobytes(), int(np.count_nonzero(ours)))
         missing = self.map("nat_mappings").delete_batch_raw(mappings.keys.tobytes(), len(mappings))
         done = np.ones(len(mappings), dtype=np.bool_)
         done[missing] = False

@@ -1206,6 +1206,12 @@ def test_fuzz_random_frames(natd_dp: NatDatapath) -> None:
         if run.data == frame:
             assert run.retval != XDP_REDIRECT, "redirected without the MAC/TTL rewrite"
             return
+        if entry == "inside" and len(run.data) == 70 and run.data[34:36] == b"\x03\x0d" and \
+                run.data[42:70] == frame[14:42]:
+            # no session could be made: ICMP code 13 back to the sender (RFC 5508 REQ-8)
+            assert_refused_with_icmp(run, frame, str(ipaddress.IPv4Address(run.data[26:30])))
+            assert after == before, "a refused packet left a flow"
+            return
         if proto is None and _icmp_error(frame):
             _check_icmp_error_translation(entry, frame, run.data)
             assert after == before, "an ICMP error created a flow"
