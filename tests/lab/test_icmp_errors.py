@@ -4,6 +4,7 @@ complete, which only happens when the errors reach the inside host with the quot
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Any
 
@@ -73,3 +74,36 @@ def test_pmtu_discovery_through_a_smaller_link_behind_the_gateway(lab: Any, natd
     assert (natd.metric("natd_icmp_errors_translated_total", direction="in") or 0) >= 1
     route = lab.exec("host1", ["ip", "route", "get", lab.addr("srv1")]).stdout
     assert "mtu 1280" in route, route  # the host learnt the path MTU from the translated error
+
+
+# One connect; prints "ok", "timeout" or the errno it failed with.
+CONNECT = r"""
+import socket, sys
+s = socket.socket(); s.settimeout(10)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2]))); print("ok")
+except TimeoutError:
+    print("timeout")
+except OSError as e:
+    print(e.errno)
+"""
+
+
+def test_gateway_without_a_route_tells_the_host(nat_lab: Any) -> None:
+    """An error the gateway itself generates reaches the inside host: with no route to a destination (an
+    unreachable route on gw), natd hands the untranslated SYN to the kernel, whose Destination Unreachable
+    makes host1's connect() fail at once instead of timing out. Nothing leaves towards the internet."""
+    from natd_lab import netops
+
+    lab, natd = nat_lab
+    prefix, target = "198.51.100.192/26", "198.51.100.200"  # on no lab node
+    before = natd.metric("natd_packets_passed_total", reason="fib_other") or 0
+    with netops.rtnl(lab.ns("gw")) as ipr:
+        ipr.route("add", dst=prefix, type="unreachable")
+    try:
+        outcome = lab.exec("host1", [sys.executable, "-c", CONNECT, target, "80"], timeout=30).stdout.strip()
+    finally:
+        with netops.rtnl(lab.ns("gw")) as ipr:
+            ipr.route("del", dst=prefix, type="unreachable")
+    assert outcome in (str(errno.EHOSTUNREACH), str(errno.ENETUNREACH)), outcome
+    assert (natd.metric("natd_packets_passed_total", reason="fib_other") or 0) - before >= 1
