@@ -56,13 +56,18 @@ def run() -> int:
         res = natd.natctl("-L")
         print(res.stdout.rstrip())
         print(res.stderr.rstrip())
+        banner("natctl -M (NAT mappings: an inside endpoint keeps its external ip:port towards every remote)")
+        res = natd.natctl("-M")
+        print(res.stdout.rstrip())
+        print(res.stderr.rstrip())
         banner("natd's metrics (selected; entry counts come from the reaper's sweeps)")
         deadline = time.monotonic() + 10
-        while natd.metric("natd_conntrack_entries") is None and time.monotonic() < deadline:
-            time.sleep(0.5)  # the first sweep after the flows above
+        while (natd.metric("natd_conntrack_entries") or 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)  # a sweep after the flows above (the first one ran before them)
         for line in natd.metrics().splitlines():
-            if line.startswith(("natd_conntrack_entries", "natd_connection", "natd_xdp_verdicts",
-                                "natd_packets_total", "natd_packets_dropped_total{reason=\"no_mapping")):
+            if line.startswith(("natd_conntrack_entries", "natd_mappings ", "natd_connection",
+                                "natd_xdp_verdicts", "natd_packets_total",
+                                "natd_packets_dropped_total{reason=\"no_mapping")):
                 print(line)
         banner("kernel forwarding counter on gw (translated packets bypass it: XDP redirects them)")
         nstat = lab.exec("gw", ["nstat", "-az", "IpForwDatagrams"]).stdout
