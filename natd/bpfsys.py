@@ -12,6 +12,7 @@ import ctypes.util
 import errno
 import mmap
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -440,6 +441,22 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ingress_ifindex: i
     _check(_lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
     return TestRunResult(int(opts.retval), b"" if live else data_out.raw[:opts.data_size_out],
                          int(opts.duration))
+
+
+# struct bpf_prog_info (uapi/linux/bpf.h): verified_insns, since Linux 5.16, at this offset
+_PROG_INFO_SIZE = 256
+_PROG_INFO_VERIFIED_INSNS = 216
+
+
+def prog_verified_insns(prog_fd: int) -> int:
+    """How many instructions the verifier processed to load this program (its complexity limit is 1M):
+    what every added branch of the datapath costs at load time."""
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    size = ctypes.c_uint32(_PROG_INFO_SIZE)
+    _check(_lib().bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size)), "program info")
+    if size.value < _PROG_INFO_VERIFIED_INSNS + 4:
+        raise BpfError(f"the kernel's bpf_prog_info has {size.value} bytes, too old to report verified_insns")
+    return int(struct.unpack_from("<I", info.raw, _PROG_INFO_VERIFIED_INSNS)[0])
 
 
 def prog_fd_by_id(prog_id: int) -> int:

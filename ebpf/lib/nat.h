@@ -241,6 +241,12 @@ static __always_inline int snat_create(struct ct_key *orig, const struct snat_ru
 			 * the mapping stays: counted, it is where EIM gives way (RFC 7857 §3). */
 			stat_count(STAT_EIM_COLLISION, 0);
 		} else {
+			/* A mapping on another address (the rule's pool changed on reload) makes way for
+			 * one on the new address; its flows keep theirs. */
+			if (m) {
+				nat_mappings.delete(&mk);
+				host_port_give(orig->saddr);
+			}
 			if (host_port_take(orig->saddr, r->host_port_limit) < 0) {
 				*reason = STAT_DROP_HOST_PORT_LIMIT;
 				return -1;

@@ -439,7 +439,7 @@ def test_error_with_a_bad_icmp_checksum_dropped(dp: NatDatapath, where: str, how
 
 @pytest.mark.parametrize("bad", [False, True], ids=["valid", "bad-checksum"])
 def test_error_longer_than_the_checksum_bound_translated_unverified(dp: NatDatapath, bad: bool) -> None:
-    """The checksum is verified over at most 1536 bytes of ICMP message (a router's error is at most 576
+    """The checksum is verified over at most 576 bytes of ICMP message (a router's error is at most 576
     bytes, RFC 1812 §4.3.2.3). A longer one is translated unverified: its checksum is carried over
     incrementally, so a wrong one arrives exactly as wrong (the inside host drops it)."""
     sent = send_out(dp, UDP(sport=5353, dport=53) / b"query")

@@ -38,6 +38,7 @@ from .harness import (
     GW_IN1,
     GW_OUT,
     HOST1,
+    POOL,
     RULES_YAML,
     TINY_POOL_ADDR,
     TINY_PORTS,
@@ -358,3 +359,21 @@ def test_the_port_choice_is_keyed_by_natds_secret(dp: NatDatapath) -> None:
         assert ports() != first  # all four equal by chance: p ~ 1e-16
     finally:
         secret.update(zero, original)
+
+
+def test_a_mapping_moves_with_its_rules_pool_and_stays_one_port_of_the_host(dp: NatDatapath) -> None:
+    """A reload that gives the rule another external address: the endpoint's next new flow replaces its
+    mapping with one on the new address (EIM from then on), and the host still counts one port."""
+    src = "10.1.200.5"  # rule 1: paired pool of two addresses
+    run = dp.inside(syn(dp, src=src, sport=42000, dst=SRV))
+    first = str(Ether(run.data)[IP].src)
+    other = POOL[1] if first == POOL[0] else POOL[0]
+    moved = RULES_YAML.replace(f"to: [{POOL[0]}, {POOL[1]}]", f"to: [{other}]")
+    assert moved != RULES_YAML
+    with rules(dp, moved):
+        out = [Ether(dp.inside(syn(dp, src=src, sport=42000, dst=d)).data) for d in (SRV2, SRV3)]
+    assert {str(o[IP].src) for o in out} == {other}
+    assert out[0][TCP].sport == out[1][TCP].sport
+    m = mapping(dp, src, 42000)
+    assert m is not None and m.ext_addr == ip_to_be32(other)
+    assert host_count(dp, src) == 1
