@@ -1,7 +1,8 @@
 """PinnedTables and the reaper on real BPF maps (bpf tier: needs root, no BCC, no network).
 
-ct_orig / ct_reply are created with libbpf (natd.bpfsys.BpfMap.create: the same map type, key/value sizes
-as the datapath's BPF_TABLE_PINNED) and pinned in a bpffs directory of their own, removed afterwards.
+ct_orig / ct_reply and the NAT mapping maps are created with libbpf (natd.bpfsys.BpfMap.create: the same map
+type, key/value sizes as the datapath's BPF_TABLE_PINNED) and pinned in a bpffs directory of their own,
+removed afterwards.
 Checks the raw batch read (chunking, ENOSPC, buffer growth), the batch update/delete/lookup helpers, the
 columnar reads against the per-flow ones, and one reaper sweep (expiry, on_delete, orphans) end to end.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import struct
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -20,13 +22,19 @@ from natd.config import Timeouts
 from natd.maps import (
     CT_ENTRY_DTYPE,
     CT_KEY_DTYPE,
+    EXT_ENDPOINT_DTYPE,
+    NAT_MAPPING_DTYPE,
     PROTO_TCP,
     PROTO_UDP,
     CtEntry,
     CtKey,
     CtReplyValue,
     CtState,
+    ExtEndpoint,
+    NatMapping,
+    NatMappingFlags,
     ip_to_be32,
+    mapping_key_for,
     port_to_be16,
     reply_key_for,
 )
@@ -66,8 +74,12 @@ def tables() -> Iterator[PinnedTables]:
     made = []
     t = PinnedTables(root)
     try:
-        for name, vs in (("ct_orig", CT_ENTRY_DTYPE.itemsize), ("ct_reply", CT_KEY_DTYPE.itemsize)):
-            m = bpfsys.BpfMap.create(bpfsys.BPF_MAP_TYPE_HASH, CT_KEY_DTYPE.itemsize, vs, CT_MAX, name)
+        for name, ks, vs in (("ct_orig", CT_KEY_DTYPE.itemsize, CT_ENTRY_DTYPE.itemsize),
+                             ("ct_reply", CT_KEY_DTYPE.itemsize, CT_KEY_DTYPE.itemsize),
+                             ("nat_mappings", CT_KEY_DTYPE.itemsize, NAT_MAPPING_DTYPE.itemsize),
+                             ("port_owners", EXT_ENDPOINT_DTYPE.itemsize, CT_KEY_DTYPE.itemsize),
+                             ("host_ports", 4, 4)):
+            m = bpfsys.BpfMap.create(bpfsys.BPF_MAP_TYPE_HASH, ks, vs, CT_MAX, name)
             made.append(m)
             m.pin(os.path.join(root, name))
         yield t
@@ -156,8 +168,42 @@ def test_a_sweep_on_real_maps(tables: PinnedTables) -> None:
     assert sum(first.entries_by_state.values()) == N - len(expired) == len(tables.flows())
     assert first.ports_in_use == {"192.0.2.1": N - len(expired)}
 
+    assert (first.mappings_released, first.mappings) == (0, 0)
+
     second = r.sweep()
     assert (second.reaped, second.orphans, second.orphans_pending) == (0, 1, 0)
     assert len(tables.reply_index()) == N - len(expired)
     assert np.array_equal(np.sort(tables.reply_table().origs.view("V16")),
                           np.sort(tables.flow_table().keys.view("V16")))
+
+
+def test_mappings_released_on_real_maps(tables: PinnedTables) -> None:
+    """The reaper's mapping release through PinnedTables: the mapping, its port claim (only while the claim
+    names it) and one port of its host's count go; a mapping with a live flow stays."""
+    flows = make_flows(100, 10)  # flows[::10] are expired
+    fill(tables, flows)
+    owners, hosts = tables.map("port_owners"), tables.map("host_ports")
+    for key, entry in flows:
+        mk = mapping_key_for(key)
+        m = NatMapping(last_used_ns=entry.created_ns, ext_addr=entry.nat_addr, ext_port=entry.nat_port,
+                       flags=int(NatMappingFlags.OWNS_PORT))
+        tables.map("nat_mappings").update(mk.to_bytes(), m.to_bytes())
+        owners.update(ExtEndpoint(entry.nat_addr, entry.nat_port, key.proto, 0).to_bytes(), mk.to_bytes())
+        hosts.update(struct.pack("<I", key.saddr),
+                     struct.pack("<I", struct.unpack("<I", hosts.lookup(struct.pack("<I", key.saddr))
+                                                     or b"\0\0\0\0")[0] + 1))
+    # one expired flow's claim was taken over by another endpoint: its claim must stay
+    stolen_key, stolen_entry = flows[0]
+    other = mapping_key_for(CtKey.make("10.9.9.9", "0.0.0.0", 7, 0, stolen_key.proto))
+    owners.update(ExtEndpoint(stolen_entry.nat_addr, stolen_entry.nat_port, stolen_key.proto, 0).to_bytes(),
+                  other.to_bytes())
+    held_before = sum(tables.host_ports().values())
+
+    result = Reaper(tables, Timeouts(), clock=lambda: NOW).sweep()
+
+    assert (result.reaped, result.mappings_released, result.mappings) == (10, 10, 90)
+    assert len(tables.mapping_table()) == 90
+    assert sum(tables.host_ports().values()) == held_before - 10
+    claims = {k: v for k, v in owners.items()}
+    assert len(claims) == 91 and claims[ExtEndpoint(stolen_entry.nat_addr, stolen_entry.nat_port,
+                                                    stolen_key.proto, 0).to_bytes()] == other.to_bytes()
