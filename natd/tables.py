@@ -305,13 +305,18 @@ class MappingTable:
         return out
 
 
-def flow_mapping_keys(flows: FlowTable) -> npt.NDArray[np.void]:
-    """Every nat_mappings key the flows can be using: each flow's inside endpoint (endpoint-independent
-    mapping) and its whole tuple (address-and-port-dependent), as natd.maps.mapping_key_for makes them."""
+def endpoint_keys(flows: FlowTable) -> npt.NDArray[np.void]:
+    """Each flow's endpoint-independent nat_mappings key: its inside endpoint (daddr and dport zero)."""
     eim = flows.keys.copy()
     eim["daddr"] = 0
     eim["dport"] = 0
-    return np.concatenate([eim, flows.keys])
+    return eim
+
+
+def flow_mapping_keys(flows: FlowTable) -> npt.NDArray[np.void]:
+    """Every nat_mappings key the flows can be using: each flow's inside endpoint (endpoint-independent
+    mapping) and its whole tuple (address-and-port-dependent), as natd.maps.mapping_key_for makes them."""
+    return np.concatenate([endpoint_keys(flows), flows.keys])
 
 
 def hosts_of(mappings: MappingTable) -> dict[int, int]:
@@ -489,20 +494,17 @@ class PinnedTables:
                 np.frombuffer(values, dtype=NAT_MAPPING_DTYPE, count=len(keys)))
 
     def delete_mappings(self, mappings: MappingTable) -> int:
-        """Each mapping, its port claim (when the claim still names it) and its count in host_ports.
-        Returns how many mappings this call deleted."""
+        """Each mapping, its port claim and its count in host_ports. Returns how many mappings this call
+        deleted."""
         if not len(mappings):
             return 0
+        # The claims first, then the mappings: while a mapping exists and holds its port the datapath never
+        # takes its claim over (port_owner_live), so the claim at the mapping's current address and port is
+        # still the mapping's own. Once the claim is gone the port is free for a new mapping at once.
         owns = (mappings.values["flags"] & NatMappingFlags.OWNS_PORT) != 0
-        claims, claimants = mappings.owner_keys()[owns], mappings.keys[owns]
-        if len(claims):
-            owners = self.map("port_owners")
-            values, found = owners.lookup_many_raw(claims.tobytes(), len(claims))
-            current = np.frombuffer(values, CT_KEY_DTYPE, len(claims))
-            # a claim is deleted only while it still names this mapping
-            ours = (np.frombuffer(found, np.uint8) != 0) & (current.view("V16") == claimants.view("V16"))
-            if ours.any():
-                owners.delete_batch_raw(claims[ours].tobytes(), int(np.count_nonzero(ours)))
+        if owns.any():
+            claims = mappings.owner_keys()[owns]
+            self.map("port_owners").delete_batch_raw(claims.tobytes(), len(claims))
         missing = self.map("nat_mappings").delete_batch_raw(mappings.keys.tobytes(), len(mappings))
         done = np.ones(len(mappings), dtype=np.bool_)
         done[missing] = False
