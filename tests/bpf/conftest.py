@@ -71,14 +71,16 @@ def natd_dp(lab_session: Any) -> Iterator[NatDatapath]:
     datapath = None
     tables = None
     try:
-        lab.up()
-        macs = _neighbours(lab)
-        ifindex = {name: lab.ifindex("gw", name) for name in ("in1", "in2", "out0")}
-        netns_fd = os.open(lab.ns_path("gw"), os.O_RDONLY)
+        # Compile and load first: a fatal LLVM error (e.g. the 512-byte stack exceeded) exits this process
+        # from inside BCC, past every finalizer, and must not leave a lab behind.
         ensure_bpffs(pin_root)
         with warnings.catch_warnings():  # BCC warns about str (not bytes) source text and names
             warnings.simplefilter("ignore", DeprecationWarning)
             datapath = Datapath.load(directory, CT_MAX)
+        lab.up()
+        macs = _neighbours(lab)
+        ifindex = {name: lab.ifindex("gw", name) for name in ("in1", "in2", "out0")}
+        netns_fd = os.open(lab.ns_path("gw"), os.O_RDONLY)
         tables = PinnedTables(directory)
         config = parse_config(RULES_YAML, source="tests/bpf/conftest.py")
         tables.apply_rules(build_ruleset(config, ipaddress.IPv4Address(GW_OUT), [ifindex["out0"]]))
