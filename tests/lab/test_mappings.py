@@ -123,3 +123,32 @@ def test_per_host_port_limit_fails_connects_at_once_and_frees_with_the_flows(lab
             break
         time.sleep(0.5)
     assert outcome == "ok", f"host1 still refused after its connections closed: {outcome}"
+
+
+def test_max_ports_per_host_changes_on_reload_and_a_bad_value_keeps_the_running_one(
+        lab: Any, natd_factory: Any) -> None:
+    """SIGHUP applies a new max_ports_per_host to the running datapath (the mappings held stay); a bad
+    value is rejected with the key named and the running limit kept."""
+    def config(limit: object) -> dict[str, Any]:
+        return {"inside": ["in1", "in2"], "outside": "out0",
+                "snat": [{"from": "10.0.0.0/16", "ports": "20000-29999", "max_ports_per_host": limit}]}
+
+    natd = natd_factory(lab, config(2))
+    srv1 = lab.addr("srv1")
+    start(lab, "srv1", TCP_HOLDER, srv1, "7100")
+    holder = lab.popen("host1", [sys.executable, "-c", CONNECT_MANY, srv1, "7100", "3"], stdin=-1, stdout=-1,
+                       text=True)
+    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline().split() == ["ok", "ok", str(errno.EHOSTUNREACH)]
+    connect_once = [sys.executable, "-c", CONNECT_ONCE, srv1, "7100"]
+
+    natd.write_config({**natd.config, "snat": config(0)["snat"]})
+    msg = natd.reload()
+    assert "STATUS=reload rejected" in msg and "snat[0].max_ports_per_host" in msg, msg
+    assert lab.exec("host1", connect_once, timeout=20).stdout.strip() == str(errno.EHOSTUNREACH)
+
+    natd.write_config({**natd.config, "snat": config(3)["snat"]})
+    assert "STATUS=reloaded" in natd.reload()
+    assert lab.exec("host1", connect_once, timeout=20).stdout.strip() == "ok"
+    holder.stdin.close()
+    holder.wait(timeout=10)
