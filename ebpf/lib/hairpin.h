@@ -154,7 +154,7 @@ static __always_inline int nat_hairpin(struct xdp_md *ctx, struct hdr_cursor *c,
 			if (!echo_target)
 				return pass_to_owner(ctx, ip, STAT_PASS_LOCAL);
 		}
-		else if (f.icmp->type == ICMP_ECHOREPLY && f.icmp->code == 0)
+		else if (icmp_is_query(f.icmp->type, ICMP_ECHOREPLY) && f.icmp->code == 0)
 			return hairpin_echo_reply(ctx, eth, ip, f.icmp);
 		else if (icmp_is_error(f.icmp->type))
 			return hairpin_icmp_error(ctx, c, eth, ip, f.icmp);

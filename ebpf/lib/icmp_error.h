@@ -117,7 +117,7 @@ static __always_inline int parse_quoted(struct hdr_cursor *c, struct quoted_pkt 
 	if (ip->protocol == IPPROTO_ICMP) {
 		struct icmphdr *ic = l4;
 
-		if (ic->type != echo_type || ic->code != 0)
+		if (echo_type == 0xff || !icmp_is_query(ic->type, echo_type) || ic->code != 0)
 			return 1;
 		q->sport = &ic->un.echo.id;
 		q->dport = &ic->un.echo.id;

@@ -111,7 +111,23 @@ struct l4_fields {
 	__u8 udp;              /* a zero checksum means "none" and stays zero (RFC 768) */
 };
 
-/* Finds the ports (ICMP: the echo identifier) and checksum of a TCP, UDP or ICMP echo packet.
+#ifndef ICMP_TIMESTAMP
+#define ICMP_TIMESTAMP 13
+#define ICMP_TIMESTAMPREPLY 14
+#endif
+
+/* RFC 5508 REQ-1: the ICMP queries natd translates, as conntrack does: echo (8/0) and timestamp (13/14),
+ * both with the identifier where echo has it (RFC 792). query_type says which side: ICMP_ECHO for the
+ * requests, ICMP_ECHOREPLY for the replies. (Information and address mask requests are deprecated, RFC
+ * 6918.) A request and its reply share one flow per identifier, whatever their type. */
+static __always_inline int icmp_is_query(__u8 type, __u8 query_type)
+{
+	if (query_type == ICMP_ECHO)
+		return type == ICMP_ECHO || type == ICMP_TIMESTAMP;
+	return type == ICMP_ECHOREPLY || type == ICMP_TIMESTAMPREPLY;
+}
+
+/* Finds the ports (ICMP: the query identifier) and checksum of a TCP, UDP or ICMP query packet.
  * Returns 0, -1 for a truncated header (malformed), 1 for anything else (not translatable). */
 static __always_inline int parse_l4_fields(struct hdr_cursor *c, const struct iphdr *ip, struct l4_fields *f,
 					   __u8 icmp_echo_type)
@@ -148,7 +164,7 @@ static __always_inline int parse_l4_fields(struct hdr_cursor *c, const struct ip
 		if (!icmp)
 			return -1;
 		f->icmp = icmp;
-		if (icmp->type != icmp_echo_type || icmp->code != 0)
+		if (!icmp_is_query(icmp->type, icmp_echo_type) || icmp->code != 0)
 			return 1;
 		f->pseudo = 0;
 		f->sport = &icmp->un.echo.id;

@@ -379,6 +379,38 @@ def test_icmp_echo_identifier_translated(dp: NatDatapath) -> None:
     assert flow(dp, HOST1, SRV, 7, 0, ICMP_P).flags == CtFlags.REPLIED | CtFlags.ASSURED
 
 
+def test_icmp_timestamp_query_translated_both_ways(dp: NatDatapath) -> None:
+    """RFC 5508 REQ-1: ICMP timestamp requests (13) and replies (14) are translated like echo, by their
+    identifier (what conntrack does); the 12 bytes of timestamps are left alone."""
+    stamps = struct.pack("!III", 1000, 0, 0)
+    req = bytes(eth_in(dp) / IP(src=HOST1, dst=SRV) / ICMP(type=13, id=9, seq=3) / stamps)
+    run = dp.inside(req)
+    assert run.retval == XDP_REDIRECT
+    out = Ether(run.data)
+    ext_id = out[ICMP].id
+    assert (out[IP].src, out[ICMP].type, out[ICMP].seq, bytes(out[ICMP].payload)) == (GW_OUT, 13, 3, stamps)
+    assert_checksums_valid(run.data)
+    assert flow(dp, HOST1, SRV, 9, 0, ICMP_P).nat_port_host == ext_id
+    answer = struct.pack("!III", 1000, 2000, 2001)
+    rep = bytes(eth_out(dp) / IP(src=SRV, dst=GW_OUT) / ICMP(type=14, id=ext_id, seq=3) / answer)
+    run = dp.outside(rep)
+    assert run.retval == XDP_REDIRECT
+    back = Ether(run.data)
+    assert (back[IP].dst, back[ICMP].type, back[ICMP].id, bytes(back[ICMP].payload)) == (HOST1, 14, 9, answer)
+    assert_checksums_valid(run.data)
+
+
+@pytest.mark.parametrize("icmp_type", [15, 17], ids=["information-request", "address-mask-request"])
+def test_deprecated_icmp_queries_are_not_translated(dp: NatDatapath, icmp_type: int) -> None:
+    """RFC 6918 deprecates information and address mask requests: bound for the internet, they are
+    dropped (natd cannot translate them), never forwarded with a private source."""
+    frame = bytes(eth_in(dp) / IP(src=HOST1, dst=SRV) / ICMP(type=icmp_type, id=9, seq=1) / bytes(8))
+    with dp.counting() as d:
+        run = dp.inside(frame)
+    assert_untouched(run, frame, XDP_DROP)
+    assert d[Stat.DROP_UNSUPPORTED] == 1
+
+
 def test_icmp_identifier_in_range_kept(dp: NatDatapath) -> None:
     run = dp.inside(bytes(eth_in(dp) / IP(src=HOST1, dst=SRV) / ICMP(type=8, id=21000, seq=1)))
     assert Ether(run.data)[ICMP].id == 21000
@@ -997,7 +1029,7 @@ def _translatable(frame: bytes, entry: str) -> int | None:
     udp_len = struct.unpack("!H", frame[38:40])[0] if proto == UDP_P else 0
     if proto == UDP_P and not (udp_len >= 8 and (first_fragment or udp_len <= l4_len)):
         return None
-    if proto == ICMP_P and (frame[34], frame[35]) != ((8 if entry == "inside" else 0), 0):
+    if proto == ICMP_P and (frame[34] not in ((8, 13) if entry == "inside" else (0, 14)) or frame[35] != 0):
         return None
     return proto
 

@@ -594,6 +594,10 @@ def more_fragments(frame: bytes) -> bool:
     return bool(frame[20] & 0x20)
 
 
+# RFC 5508 REQ-1: the queries natd translates, by side: requests (echo 8, timestamp 13), replies (0, 14)
+ICMP_QUERIES = {8: (8, 13), 0: (0, 14)}
+
+
 def l4_ok(frame: bytes, tot: int, echo_type: int) -> bool:
     """The L4 header is whole and sane. In a first fragment (MF) the UDP length is the datagram's, which
     the fragment does not hold: only its minimum is checked."""
@@ -604,7 +608,7 @@ def l4_ok(frame: bytes, tot: int, echo_type: int) -> bool:
         ulen = (frame[38] << 8) | frame[39]
         return l4len >= 8 and ulen >= 8 and (more_fragments(frame) or ulen <= l4len)
     if proto == ICMP_P:
-        return l4len >= 8 and frame[34] == echo_type and frame[35] == 0
+        return l4len >= 8 and frame[34] in ICMP_QUERIES[echo_type] and frame[35] == 0
     return False
 
 
@@ -816,7 +820,7 @@ class Checker:
         self.check_checksums(frame, out, tot, ICMP_P)
         src, dst = frame[26:30], frame[30:34]
         ident, oident = ports(frame)[0], ports(out)[0]
-        if frame[34] == 8:
+        if frame[34] in ICMP_QUERIES[8]:
             if dst not in self.model.static_in:
                 raise Violation("hairpin: an echo to an external address without a static mapping translated")
             if not self.model.translated_source(src):
