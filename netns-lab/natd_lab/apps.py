@@ -117,6 +117,41 @@ while True:
     c.sendall(f"{peer[0]}:{peer[1]}\n".encode()); held.append(c)
 """
 
+# ICMP queries from a raw socket: argv[1] the type (8 echo, 13 timestamp), argv[2] the identifier, then one
+# destination per argument (sequence number 1, 2, ...). Up to three tries each; prints "dst id seq" of the
+# reply (the matching reply type, from dst, with our sequence number and a valid checksum) or "dst timeout".
+ICMP_QUERY = r"""
+import socket, struct, sys, time
+qtype, ident = int(sys.argv[1]), int(sys.argv[2])
+rtype = {8: 0, 13: 14}[qtype]
+def csum(b):
+    b += b"\x00" * (len(b) & 1)
+    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    s = (s & 0xFFFF) + (s >> 16); s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); s.settimeout(0.5)
+for seq, dst in enumerate(sys.argv[3:], 1):
+    body = struct.pack("!III", 1000, 0, 0) if qtype == 13 else b"natd-icmp-query"
+    msg = struct.pack("!BBHHH", qtype, 0, 0, ident, seq) + body
+    msg = msg[:2] + struct.pack("!H", csum(msg)) + msg[4:]
+    got = None
+    for _ in range(3):
+        s.sendto(msg, (dst, 0))
+        deadline = time.monotonic() + 1
+        while got is None and time.monotonic() < deadline:
+            try:
+                pkt, (src, _) = s.recvfrom(2048)
+            except TimeoutError:
+                continue
+            ihl = (pkt[0] & 0xF) * 4
+            t, _c, _k, rid, rseq = struct.unpack("!BBHHH", pkt[ihl:ihl + 8])
+            if src == dst and t == rtype and rseq == seq and csum(pkt[ihl:]) == 0:
+                got = rid
+        if got is not None:
+            break
+    print(dst, got, seq) if got is not None else print(dst, "timeout")
+"""
+
 # A raw ICMP socket sees a copy of every echo request the node gets (the kernel still answers it): prints
 # the source and identifier of the first one, waiting at most argv[1] seconds.
 ECHO_SNIFFER = r"""

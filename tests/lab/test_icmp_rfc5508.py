@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from natd_lab import parse_topology
-from natd_lab.apps import ECHO_SNIFFER
+from natd_lab.apps import ECHO_SNIFFER, ICMP_QUERY
 
 pytestmark = pytest.mark.lab
 
@@ -155,34 +155,6 @@ def test_inside_router_error_reaches_the_remote_from_a_public_address(lab_factor
 STATIC_B = "192.0.2.10"  # host2's static address (inet routes 192.0.2.0/24 to the gateway)
 PING_ID = 7              # outside the NAT range: natd maps it to another identifier
 
-# host1: one echo request with a fixed identifier (raw socket), up to three tries; prints the source and
-# identifier of the matching reply.
-PING = r"""
-import socket, struct, sys, time
-def csum(b):
-    b += b"\x00" * (len(b) & 1)
-    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
-    s = (s & 0xFFFF) + (s >> 16); s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-dst, ident = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); s.settimeout(0.5)
-for seq in range(1, 4):
-    body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"hairpin-ping-data"
-    s.sendto(body[:2] + struct.pack("!H", csum(body)) + body[4:], (dst, 0))
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        try:
-            pkt, (src, _) = s.recvfrom(2048)
-        except TimeoutError:
-            continue
-        ihl = (pkt[0] & 0xF) * 4
-        t, _c, _k, rid, rseq = struct.unpack("!BBHHH", pkt[ihl:ihl + 8])
-        if t == 0 and rseq == seq and csum(pkt[ihl:]) == 0:
-            print(src, rid); sys.exit(0)
-print("no reply"); sys.exit(1)
-"""
-
-
 @pytest.fixture
 def hairpin_lab(lab: Any, natd_factory: Any) -> tuple[Any, Any]:
     natd = natd_factory(lab, {
@@ -203,8 +175,9 @@ def test_hairpinned_echo_to_a_static_address(hairpin_lab: Any) -> None:
     sniffer = lab.popen("host2", [sys.executable, "-c", ECHO_SNIFFER, "20"], stdout=-1, text=True)
     assert sniffer.stdout is not None and sniffer.stdout.readline().strip() == "ready"
     before = natd.metric("natd_hairpin_packets_total") or 0
-    reply = lab.exec("host1", [sys.executable, "-c", PING, STATIC_B, str(PING_ID)], timeout=15).stdout.split()
-    assert reply == [STATIC_B, str(PING_ID)], reply
+    reply = lab.exec("host1", [sys.executable, "-c", ICMP_QUERY, "8", str(PING_ID), STATIC_B],
+                     timeout=15).stdout.split()
+    assert reply == [STATIC_B, str(PING_ID), "1"], reply
     seen, _ = sniffer.communicate(timeout=25)
     src, ident = seen.split()
     assert src == ext and 20000 <= int(ident) <= 29999, seen  # host1's external address and mapped id
@@ -212,8 +185,9 @@ def test_hairpinned_echo_to_a_static_address(hairpin_lab: Any) -> None:
     flows = natd.natctl("-L", "-p", "icmp").stdout
     assert f"src={lab.addr('host1')} dst={STATIC_B}" in flows, flows
     # the gateway's own address: the kernel answers, the identifier is untouched
-    own = lab.exec("host1", [sys.executable, "-c", PING, ext, str(PING_ID)], timeout=15).stdout.split()
-    assert own == [ext, str(PING_ID)], own
+    own = lab.exec("host1", [sys.executable, "-c", ICMP_QUERY, "8", str(PING_ID), ext],
+                   timeout=15).stdout.split()
+    assert own == [ext, str(PING_ID), "1"], own
 
 
 UNREACHABLE = READ_ERROR + r"""

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from natd_lab.apps import TCP_ASK, start_peer_echo, tcp_ask, udp_ask
+from natd_lab.apps import ICMP_QUERY, TCP_ASK, start_peer_echo, tcp_ask, udp_ask
 
 pytestmark = pytest.mark.lab
 
@@ -155,40 +155,12 @@ def test_translated_packets_bypass_the_kernel_forwarding_path(nat_lab: Any) -> N
     assert fwd <= 2, f"the kernel forwarded {fwd} packets that natd should have redirected"
 
 
-# One ICMP timestamp request (type 13) with a fixed identifier from a raw socket, up to three tries; prints
-# the source, type and identifier of the reply, or "timeout".
-TIMESTAMP_QUERY = r"""
-import socket, struct, sys, time
-dst, ident = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); s.settimeout(1)
-def csum(b):
-    t = sum(struct.unpack(f"!{len(b) // 2}H", b))
-    t = (t & 0xFFFF) + (t >> 16); t = (t & 0xFFFF) + (t >> 16)
-    return ~t & 0xFFFF
-body = struct.pack("!III", int(time.time() % 86400 * 1000), 0, 0)
-msg = struct.pack("!BBHHH", 13, 0, 0, ident, 1) + body
-msg = msg[:2] + struct.pack("!H", csum(msg)) + msg[4:]
-for _ in range(3):
-    s.sendto(msg, (dst, 0))
-    end = time.monotonic() + 1
-    while time.monotonic() < end:
-        try:
-            pkt, (src, _) = s.recvfrom(2048)
-        except TimeoutError:
-            break
-        ihl = (pkt[0] & 0xF) * 4
-        if pkt[ihl] == 14:
-            print(src, pkt[ihl], struct.unpack("!H", pkt[ihl + 4:ihl + 6])[0]); sys.exit(0)
-print("timeout")
-"""
-
-
 def test_icmp_timestamp_query_crosses_the_nat(nat_lab: Any) -> None:
     """RFC 5508 REQ-1: an ICMP timestamp request from a private host is translated out and srv1's kernel's
     timestamp reply comes back to the host with the identifier it used (conntrack tracks these too)."""
     lab, natd = nat_lab
     srv1 = lab.addr("srv1")
-    out = lab.exec("host1", [sys.executable, "-c", TIMESTAMP_QUERY, srv1, "4242"], timeout=30).stdout.split()
-    assert out == [srv1, "14", "4242"], out
+    out = lab.exec("host1", [sys.executable, "-c", ICMP_QUERY, "13", "4242", srv1], timeout=30).stdout.split()
+    assert out == [srv1, "4242", "1"], out  # a type 14 reply, with host1's own identifier
     flows = natd.natctl("-L", "-p", "icmp", "-s", lab.addr("host1"), "-d", srv1, "--sport", "4242").stdout
     assert "id=4242" in flows and lab.addr("gw", "out0") in flows, flows

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 import pytest
-from natd_lab.apps import ECHO_SNIFFER, STUN_CLIENT, start_udp_reflector
+from natd_lab.apps import ECHO_SNIFFER, ICMP_QUERY, STUN_CLIENT, start_udp_reflector
 
 from .test_rfc_behaviour import BIG_ECHO, nat_config
 
@@ -553,35 +553,6 @@ def test_paired_pooling_drops_new_sessions_when_the_hosts_address_is_exhausted(l
 
 # ================================================ RFC 5508 REQ-1a: ICMP query mapping endpoint-independent
 
-# On host1: echo requests with one identifier to each destination; prints the identifier of each reply.
-PINGER = r"""
-import socket, struct, sys
-ident = int(sys.argv[1])
-def csum(b):
-    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
-    s = (s >> 16) + (s & 0xFFFF); s += s >> 16
-    return ~s & 0xFFFF
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); s.settimeout(1)
-for seq, dst in enumerate(sys.argv[2:], 1):
-    body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"natd-rfc5508"
-    msg = body[:2] + struct.pack("!H", csum(body)) + body[4:]
-    for _ in range(3):
-        s.sendto(msg, (dst, 0))
-        try:
-            got = None
-            while got is None:
-                pkt, (src, _) = s.recvfrom(2048)
-                ihl = (pkt[0] & 0xF) * 4
-                if src == dst and pkt[ihl] == 0:
-                    got = struct.unpack("!HH", pkt[ihl + 4:ihl + 8])
-            print(dst, *got); break
-        except TimeoutError:
-            continue
-    else:
-        print(dst, "timeout")
-"""
-
-
 @pytest.mark.parametrize("ident", [25555, 40404], ids=["id-in-range", "id-outside-range"])
 def test_icmp_echo_identifier_mapping_is_endpoint_independent(lab: Any, natd_factory: Any,
                                                                ident: int) -> None:
@@ -593,7 +564,7 @@ def test_icmp_echo_identifier_mapping_is_endpoint_independent(lab: Any, natd_fac
                 for s in ("srv1", "srv2")}
     for proc in sniffers.values():
         ready(proc)
-    replies = lab.exec("host1", [sys.executable, "-c", PINGER, str(ident), srv1, srv2],
+    replies = lab.exec("host1", [sys.executable, "-c", ICMP_QUERY, "8", str(ident), srv1, srv2],
                        timeout=30).stdout.splitlines()
     assert replies == [f"{srv1} {ident} 1", f"{srv2} {ident} 2"], replies
     seen = {s: p.communicate(timeout=20)[0].split() for s, p in sniffers.items()}
