@@ -32,12 +32,27 @@ static __always_inline int hairpin_forward(struct xdp_md *ctx, struct ethhdr *et
  * sender's own echo session, as towards any remote, so the target sees the sender's external address and
  * mapped identifier; in to the static host by address alone (static NAT keeps identifiers, so no state
  * is needed on that side). An echo to any other external address is for the gateway itself, which
- * answers it if the address is its own. */
+ * answers it if the address is its own. Timestamp requests (icmp_is_query) take the same way. */
 static __always_inline int hairpin_echo(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *ip,
-					struct l4_fields *f, struct ct_entry *out, __be32 target)
+					struct l4_fields *f)
 {
 	__u64 bytes = ctx->data_end - ctx->data;
+	struct ct_key key = {};
+	struct ct_entry *out;
+	__be32 *static_in_addr;
+	__u32 reason = 0;
+	__be32 target;
 
+	static_in_addr = static_in.lookup(&ip->daddr);
+	if (!static_in_addr)
+		return pass_to_owner(ctx, ip, STAT_PASS_LOCAL);
+	target = *static_in_addr;
+	key.saddr = ip->saddr;
+	key.daddr = ip->daddr;
+	key.sport = *f->sport;
+	key.proto = IPPROTO_ICMP;
+	if (nat_out_flow(&key, f, &out, &reason) < 0)
+		return nat_refuse(ctx, reason);
 	ct_update(out, NULL, CT_DIR_ORIG, bytes);
 	snat_rewrite(ip, f, out->nat_addr, out->nat_port);
 	icmp_outer_set_addr(ip, &ip->daddr, target);
@@ -138,7 +153,6 @@ static __always_inline int nat_hairpin(struct xdp_md *ctx, struct hdr_cursor *c,
 	__be32 inside;
 	__u32 rule_id, reason = 0;
 	struct ct_key back = {};
-	__be32 *echo_target = NULL;
 	__u16 port;
 	int fresh, rc;
 
@@ -148,15 +162,11 @@ static __always_inline int nat_hairpin(struct xdp_md *ctx, struct hdr_cursor *c,
 	if (rc < 0)
 		return verdict(ctx, XDP_DROP, STAT_DROP_MALFORMED);
 	if (f.icmp) {
-		if (rc == 0) {
-			/* the sender's echo session is made below, at the nat_out_flow() call of this path */
-			echo_target = static_in.lookup(&ip->daddr);
-			if (!echo_target)
-				return pass_to_owner(ctx, ip, STAT_PASS_LOCAL);
-		}
-		else if (icmp_is_query(f.icmp->type, ICMP_ECHOREPLY) && f.icmp->code == 0)
+		if (rc == 0)
+			return hairpin_echo(ctx, eth, ip, &f);
+		if (icmp_is_query(f.icmp->type, ICMP_ECHOREPLY) && f.icmp->code == 0)
 			return hairpin_echo_reply(ctx, eth, ip, f.icmp);
-		else if (icmp_is_error(f.icmp->type))
+		if (icmp_is_error(f.icmp->type))
 			return hairpin_icmp_error(ctx, c, eth, ip, f.icmp);
 	}
 	/* anything else for the external address itself: the gateway answers, if the address is its own
@@ -166,7 +176,7 @@ static __always_inline int nat_hairpin(struct xdp_md *ctx, struct hdr_cursor *c,
 	key.saddr = ip->saddr;
 	key.daddr = ip->daddr;
 	key.sport = *f.sport;
-	key.dport = echo_target ? 0 : *f.dport;
+	key.dport = *f.dport;
 	key.proto = ip->protocol;
 	/* Only NAT business goes round: a forward or static target, or a port in the NAT range (someone's
 	 * mapping). Anything else is the gateway's own service, reached by its external address. */
@@ -174,15 +184,13 @@ static __always_inline int nat_hairpin(struct xdp_md *ctx, struct hdr_cursor *c,
 	rk.daddr = ip->daddr;
 	rk.dport = *f.dport;
 	rk.proto = ip->protocol;
-	if (!echo_target && (port < ext->port_min || port > ext->port_max) &&
+	if ((port < ext->port_min || port > ext->port_max) &&
 	    inbound_target(&rk, &inside, &inside_port, &rule_id) != 0 && !ct_orig.lookup(&key))
 		return pass_to_owner(ctx, ip, STAT_PASS_LOCAL);
 
 	fresh = !ct_orig.lookup(&key);
 	if (nat_out_flow(&key, &f, &out, &reason) < 0)
 		return nat_refuse(ctx, reason);
-	if (echo_target)
-		return hairpin_echo(ctx, eth, ip, &f, out, *echo_target);
 	rk.saddr = out->nat_addr;
 	rk.sport = out->nat_port;
 	rc = nat_in_flow(&rk, &f, ip->ttl, &rv, &in, &reason);
