@@ -42,7 +42,16 @@ from natd.fmt import (
 from natd.maps import LAYOUT_VERSION, PROTO_NAMES, PROTO_NUMBERS, PROTO_TCP, CtEntry, CtKey, CtState, Stat
 from natd.metrics import read_port_ranges
 from natd.status import pid_alive, read_status, status_path
-from natd.tables import Flow, PinnedTables, StatTotals, Tables, flow_mapping_keys, pin_dir, sum_stats
+from natd.tables import (
+    Flow,
+    PinnedTables,
+    StatTotals,
+    Tables,
+    flow_mapping_keys,
+    hosts_of,
+    pin_dir,
+    sum_stats,
+)
 
 __all__ = [
     "BANNER",
@@ -279,7 +288,7 @@ def list_mappings(tables: Tables, flt: FlowFilter, output: str, out: TextIO, err
     table = tables.mapping_table()
     flows = flow_mapping_keys(tables.flow_table())
     uses = collections.Counter(bytes(k) for k in flows.view("V16"))
-    hosts = tables.host_ports()
+    hosts = hosts_of(table)  # what max_ports_per_host counts, from the same read
     shown = 0
     for key, mapping in table.pairs():
         as_flow = CtEntry(nat_addr=mapping.ext_addr, nat_port=mapping.ext_port)
@@ -456,6 +465,7 @@ class SnatRuleInfo:
     network: str
     to: tuple[str, ...]
     ports: str
+    max_ports_per_host: int | None = None
 
 
 @dataclass(frozen=True)
@@ -529,7 +539,9 @@ def read_pin_info(tables: Tables, settings: Settings) -> PinInfo:
             raw = pool.lookup(struct.pack("<I", i))
             if raw is not None:
                 addrs.append(ip_str(struct.unpack_from("<I", raw)[0]))
-        rules.append(SnatRuleInfo(int(rule["rule_id"]), str(rule["from"]), tuple(addrs), str(rule["ports"])))
+        limit = rule.get("max_ports_per_host")
+        rules.append(SnatRuleInfo(int(rule["rule_id"]), str(rule["from"]), tuple(addrs), str(rule["ports"]),
+                                  int(limit) if isinstance(limit, int) else None))
     outside_keys = tables.map("outside_ifaces").keys()  # a BpfMap is not iterable itself
     outside = [struct.unpack("<I", k)[0] for k in outside_keys]
     interfaces = [_interface(None, i, "outside") for i in sorted(outside)]
@@ -567,8 +579,8 @@ def status_data(tables: Tables, info: PinInfo, settings: Settings) -> dict[str, 
         "passed": {s.name[5:].lower(): totals[s][0] for s in Stat if s.name.startswith("PASS_")},
         "interfaces": [dataclasses.asdict(i) for i in info.interfaces],
         "external_addresses": {a: f"{lo}-{hi}" for a, (lo, hi) in sorted(info.port_ranges.items())},
-        "snat_rules": [{"rule_id": r.rule_id, "from": r.network, "to": list(r.to), "ports": r.ports}
-                       for r in info.rules],
+        "snat_rules": [{"rule_id": r.rule_id, "from": r.network, "to": list(r.to), "ports": r.ports,
+                        "max_ports_per_host": r.max_ports_per_host} for r in info.rules],
         "daemon": _daemon_data(info.daemon),
     }
 
@@ -625,7 +637,8 @@ def status_lines(data: dict[str, Any], totals_text: tuple[str, str]) -> list[str
     lines.append("snat rules:" + ("" if data["snat_rules"] else "  none"))
     for r in data["snat_rules"]:
         to = ", ".join(r["to"]) or "-"
-        lines.append(f"  rule {r['rule_id']:<4} {r['from']:<18} -> {to}  ports {r['ports']}")
+        cap = f"  max {r['max_ports_per_host']} per host" if r["max_ports_per_host"] else ""
+        lines.append(f"  rule {r['rule_id']:<4} {r['from']:<18} -> {to}  ports {r['ports']}{cap}")
     return lines
 
 

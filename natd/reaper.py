@@ -98,7 +98,7 @@ from natd.maps import (
     CtState,
     be32_to_ip,
 )
-from natd.tables import Flow, FlowTable, MappingTable, ReplyTable, Tables, endpoint_keys, key_index
+from natd.tables import Flow, FlowTable, MappingTable, ReplyTable, Tables, flow_mapping_keys, key_index
 
 __all__ = [
     "DEFAULT_INTERVAL_S",
@@ -470,15 +470,7 @@ class Reaper:
         """Delete the mappings no live flow uses any more (with their port claims and host counts)."""
         if not len(mappings):
             return 0
-        # endpoint-independent mappings (no remote in the key) match flows by inside endpoint, the others
-        # by the whole tuple: two half-size matches instead of one against both forms of every flow
-        eim = mappings.keys["daddr"] == 0
-        unused = np.zeros(len(mappings), dtype=np.bool_)
-        if eim.any():
-            unused[eim] = key_index(endpoint_keys(live), mappings.keys[eim]) < 0
-        if not eim.all():
-            unused[~eim] = key_index(live.keys, mappings.keys[~eim]) < 0
-        idle = np.flatnonzero(unused)
+        idle = np.flatnonzero(key_index(flow_mapping_keys(live), mappings.keys) < 0)
         if not len(idle):
             return 0
         candidates = mappings.take(idle)

@@ -305,18 +305,13 @@ class MappingTable:
         return out
 
 
-def endpoint_keys(flows: FlowTable) -> npt.NDArray[np.void]:
-    """Each flow's endpoint-independent nat_mappings key: its inside endpoint (daddr and dport zero)."""
-    eim = flows.keys.copy()
-    eim["daddr"] = 0
-    eim["dport"] = 0
-    return eim
-
-
 def flow_mapping_keys(flows: FlowTable) -> npt.NDArray[np.void]:
     """Every nat_mappings key the flows can be using: each flow's inside endpoint (endpoint-independent
     mapping) and its whole tuple (address-and-port-dependent), as natd.maps.mapping_key_for makes them."""
-    return np.concatenate([endpoint_keys(flows), flows.keys])
+    eim = flows.keys.copy()
+    eim["daddr"] = 0
+    eim["dport"] = 0
+    return np.concatenate([eim, flows.keys])
 
 
 def hosts_of(mappings: MappingTable) -> dict[int, int]:

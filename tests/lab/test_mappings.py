@@ -101,6 +101,7 @@ def test_per_host_port_limit_fails_connects_at_once_and_frees_with_the_flows(lab
                        text=True)
     assert holder.stdout is not None and holder.stdin is not None
     assert holder.stdout.readline().split() == ["ok", "ok", "ok", str(errno.EHOSTUNREACH)]
+    assert "ports 20000-29999  max 3 per host" in natd.natctl("status").stdout
     # natctl -M: the three mappings the host holds, each owning its port
     mappings = natd.natctl("-M", "-p", "tcp", "-s", lab.addr("host1")).stdout.splitlines()
     assert len(mappings) == 3 and all("flows=1 host_ports=3 [OWNS_PORT]" in m for m in mappings), mappings

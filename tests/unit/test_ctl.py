@@ -422,7 +422,7 @@ INFO = PinInfo(
     directory=f"/sys/fs/bpf/natd/default/v{LAYOUT}",
     pins=("ct_orig", "ct_reply", "stats"),
     rules=(SnatRuleInfo(0, "10.0.0.0/8", ("203.0.113.1", "203.0.113.2"), "20000-29999"),
-           SnatRuleInfo(1, "172.16.0.0/12", (), "1024-32767")),
+           SnatRuleInfo(1, "172.16.0.0/12", (), "1024-32767", 500)),
     port_ranges={"203.0.113.2": (20000, 29999), "203.0.113.1": (20000, 29999)},
     interfaces=(InterfaceInfo("eth0", "outside", 4, "xdp prog id 42 (driver mode)"),
                 InterfaceInfo("eth1", "inside", None, "not found in this network namespace")),
@@ -456,7 +456,7 @@ def test_status_text(natctl: Run) -> None:
         "daemon:      no status file (natd not started here, or an older natd)",
         "snat rules:",
         "  rule 0    10.0.0.0/8         -> 203.0.113.1, 203.0.113.2  ports 20000-29999",
-        "  rule 1    172.16.0.0/12      -> -  ports 1024-32767",
+        "  rule 1    172.16.0.0/12      -> -  ports 1024-32767  max 500 per host",
     ]
 
 
@@ -505,7 +505,8 @@ def test_status_json(natctl: Run) -> None:
     assert data["interfaces"][0] == {"name": "eth0", "role": "outside", "ifindex": 4,
                                      "xdp": "xdp prog id 42 (driver mode)"}
     assert data["external_addresses"] == {"203.0.113.1": "20000-29999", "203.0.113.2": "20000-29999"}
-    assert data["snat_rules"][1] == {"rule_id": 1, "from": "172.16.0.0/12", "to": [], "ports": "1024-32767"}
+    assert data["snat_rules"][1] == {"rule_id": 1, "from": "172.16.0.0/12", "to": [], "ports": "1024-32767",
+                                     "max_ports_per_host": 500}
 
 
 def test_main_is_run(monkeypatch: pytest.MonkeyPatch) -> None:
