@@ -66,6 +66,8 @@ from .harness import (
     XDP_PASS,
     XDP_REDIRECT,
     NatDatapath,
+    Run,
+    assert_refused_with_icmp,
     in_netns,
 )
 
@@ -694,14 +696,14 @@ class Checker:
         ICMP Destination Unreachable code 13 back to its sender (RFC 5508 REQ-8, ebpf/lib/icmp_send.h)."""
         if entry != "inside" or retval != XDP_REDIRECT or new:
             raise Violation(f"the frame's length changed ({entry}, verdict {retval}, conntrack +{new})")
-        if len(out) != 14 + 20 + 8 + 28 or out[0:6] != frame[6:12] or out[6:12] != frame[0:6]:
-            raise Violation("an ICMP refusal that is not 70 bytes back to the sender's MAC")
-        if out[12:14] != b"\x08\x00" or out[14] != 0x45 or out[23] != ICMP_P or out[34:36] != b"\x03\x0d":
-            raise Violation("an ICMP refusal that is not IPv4 Destination Unreachable code 13")
-        if out[30:34] != frame[26:30] or out[42:70] != frame[14:42]:
-            raise Violation("an ICMP refusal not addressed to the sender or not quoting its packet")
-        if osum(out[14:34]) != 0 or osum(out[34:70]) != 0:
-            raise Violation("an ICMP refusal with a bad IP or ICMP checksum")
+        # from the gateway's address towards the sender: in1's, or out0's for a source routed by default
+        source = str(ipaddress.IPv4Address(out[26:30])) if len(out) >= 34 else ""
+        if source not in (GW_IN1, GW_OUT):
+            raise Violation(f"an ICMP refusal from {source or 'nowhere'}, not the gateway's address")
+        try:
+            assert_refused_with_icmp(Run(retval, out), frame, source)
+        except AssertionError as exc:
+            raise Violation(f"a malformed ICMP refusal: {exc}") from None
         self.seen["inside icmp refusal"] += 1
 
     # ------------------------------------------------------------------------------------------
